@@ -1,0 +1,38 @@
+"""adsvc: a graph-IR compiler and automatic-differentiation service.
+
+    import adsvc
+    g = adsvc.trace(lambda x, y: x * x + x * y + 2, x=adsvc.f64(), y=adsvc.f64())
+    c = adsvc.local()                     # or adsvc.connect("host:port")
+    c.value_and_grad(g, x=3.0, y=4.0)     # (23.0, {"x": 10.0, "y": 3.0})
+"""
+
+from adsvc import ops as _ops  # noqa: F401  (registers the op table)
+from adsvc.ir.graph import Graph
+from adsvc.ir.node import Node, constant
+from adsvc.local import LocalClient, local
+from adsvc.ops.api import (  # noqa: F401
+    abs, add, broadcast_to, cast, concat, cos, div, dot, eq, exp, expm1, ge, gt, le, log,
+    log1p, log_softmax, logsumexp, lt, matmul, max, maximum, mean, min, minimum, mul, ne,
+    neg, norm, pad, pow, reciprocal, relu, reshape, scatter_add, sigmoid, sign, sin, slice,
+    softmax, softplus, sqrt, square, squared_norm, stop_gradient, sub, sum, take, tan, tanh,
+    transpose, where,
+)
+from adsvc.passes.pipeline import differentiate
+from adsvc.tracer import Spec, boolean, f32, f64, i32, i64, trace
+from adsvc_client import errors
+from adsvc_client.errors import AdsvcError
+
+__version__ = "0.1.0"
+
+
+def connect(target: str, **kw):
+    """A client for an adsvc server at `target` ("host:port") with the local interface."""
+    from adsvc_client import connect as _connect
+
+    return _connect(target, **kw)
+
+
+__all__ = [
+    "AdsvcError", "Graph", "LocalClient", "Node", "Spec", "boolean", "connect", "constant",
+    "differentiate", "errors", "f32", "f64", "i32", "i64", "local", "trace",
+]

@@ -1,0 +1,1 @@
+"""The in-memory IR: immutable interned nodes and graphs (see node.py, graph.py)."""

@@ -1,0 +1,73 @@
+"""A graph: declared inputs and named outputs over interned nodes."""
+
+from __future__ import annotations
+
+from functools import cached_property
+
+from adsvc.ir.node import Node
+
+
+class Graph:
+    """Immutable: inputs (op "input" nodes) and (name, node) outputs.
+
+    The nodes of the graph are those reachable from the outputs; `nodes` lists them in a
+    deterministic topological order (operands before users), inputs first.
+    """
+
+    def __init__(self, inputs, outputs, name: str = ""):
+        self.inputs: tuple[Node, ...] = tuple(inputs)
+        self.outputs: tuple[tuple[str, Node], ...] = tuple(outputs)
+        self.name = name
+
+    @cached_property
+    def nodes(self) -> list[Node]:
+        order: list[Node] = list(self.inputs)
+        seen = {id(n) for n in order}
+        for _, root in self.outputs:
+            if id(root) in seen:
+                continue
+            stack = [(root, 0)]
+            while stack:
+                node, i = stack.pop()
+                if i < len(node.inputs):
+                    stack.append((node, i + 1))
+                    child = node.inputs[i]
+                    if id(child) not in seen:
+                        stack.append((child, 0))
+                elif id(node) not in seen:
+                    seen.add(id(node))
+                    order.append(node)
+        return order
+
+    def input(self, name: str) -> Node:
+        for n in self.inputs:
+            if n.name == name:
+                return n
+        raise KeyError(name)
+
+    def output(self, name: str) -> Node:
+        for k, n in self.outputs:
+            if k == name:
+                return n
+        raise KeyError(name)
+
+    @property
+    def input_names(self) -> list[str]:
+        return [n.name for n in self.inputs]
+
+    @property
+    def output_names(self) -> list[str]:
+        return [k for k, _ in self.outputs]
+
+    def text(self) -> str:
+        from adsvc.ir.text import to_text
+
+        return to_text(self)
+
+    def to_proto(self):
+        from adsvc.ir.codec import graph_to_proto
+
+        return graph_to_proto(self)
+
+    def __repr__(self) -> str:
+        return f"<Graph {self.name or ''} {len(self.nodes)} nodes, inputs={self.input_names}, outputs={self.output_names}>"

@@ -1,0 +1,51 @@
+"""The readable text form of a graph: one line per node with op, operands and type.
+
+    graph seed(x: f64[], y: f64[]) {
+      %0 = input x : f64[]
+      %2 = mul %0, %0 : f64[]
+      ...
+      return z = %6
+    }
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+SHORT = {"float64": "f64", "float32": "f32", "int64": "i64", "int32": "i32", "bool": "bool"}
+
+
+def type_str(dtype: str, shape) -> str:
+    return f"{SHORT[dtype]}[{','.join(str(d) for d in shape)}]"
+
+
+def _attr(v) -> str:
+    return "[" + ",".join(map(str, v)) + "]" if isinstance(v, tuple) else repr(v)
+
+
+def _const(value: np.ndarray) -> str:
+    if value.size <= 8:
+        return np.array2string(value, separator=",").replace("\n", "")
+    return f"<{value.size} elements>"
+
+
+def to_text(graph) -> str:
+    nodes = graph.nodes
+    ids = {id(n): i for i, n in enumerate(nodes)}
+    sig = ", ".join(f"{n.name}: {type_str(n.dtype, n.shape)}" for n in graph.inputs)
+    lines = [f"graph {graph.name or 'main'}({sig}) {{"]
+    for i, n in enumerate(nodes):
+        if n.op == "input":
+            rhs = f"input {n.name}"
+        elif n.op == "constant":
+            rhs = f"constant {_const(n.value)}"
+        else:
+            rhs = n.op + " " + ", ".join(f"%{ids[id(a)]}" for a in n.inputs)
+            if n.attrs:
+                rhs += " {" + ", ".join(f"{k}={_attr(v)}" for k, v in n.attrs) + "}"
+        label = f"  # {n.label}" if n.label else ""
+        lines.append(f"  %{i} = {rhs} : {type_str(n.dtype, n.shape)}{label}")
+    outs = ", ".join(f"{k} = %{ids[id(n)]}" for k, n in graph.outputs)
+    lines.append(f"  return {outs}")
+    lines.append("}")
+    return "\n".join(lines)

@@ -1,0 +1,198 @@
+"""Elementwise ops (numpy broadcasting semantics).
+
+Unary float ops are declared by their kernel and local derivative `d(x, y)` (y is the
+op's own output node): JVP = t * d, VJP = ct * d. Ops whose derivative is singular
+somewhere use `safe_mul` so a zero cotangent stays zero (see api.safe_mul).
+
+Conventions at awkward points (documented in protos/README.md):
+sqrt'(0) = +inf; abs'(0) = sign(0) = 0; maximum/minimum at ties give each side 1/2;
+pow: d/da at b == 0 is 0, d/db at a == 0 is 0 (the limit where a**b is defined).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from adsvc.ops import api as A
+from adsvc.ops.registry import OpDef, register
+from adsvc.ops.rules import binary, float_unary, numeric_unary
+from adsvc_client import dtypes
+
+NUMERIC = dtypes.FLOATS | dtypes.INTS
+
+
+def _sigmoid(x):
+    return (0.5 * (1.0 + np.tanh(0.5 * x))).astype(x.dtype, copy=False)
+
+
+def _unary(name, kernel, d, *, singular=False, numeric=False, linear_neg=False, sample=None):
+    def jvp(node, ts):
+        t, = ts
+        if t is None:
+            return None
+        return A.mul(t, d(node.inputs[0], node))
+
+    def vjp(node, ct):
+        dd = d(node.inputs[0], node)
+        return [A.safe_mul(ct, dd) if singular else A.mul(ct, dd)]
+
+    infer = numeric_unary(name) if numeric else float_unary(name)
+    register(OpDef(name, 1, infer, lambda attrs: kernel, jvp, vjp, sample=sample,
+                   doc=f"elementwise {name}"))
+
+
+# neg, abs and sign also accept integers (not differentiated there: activity analysis
+# never reaches integer values).
+register(OpDef("neg", 1, numeric_unary("neg"), lambda a: np.negative,
+               lambda n, ts: None if ts[0] is None else A.neg(ts[0]),
+               lambda n, ct: [A.neg(ct)], doc="-x"))
+_unary("exp", np.exp, lambda x, y: y)
+_unary("log", np.log, lambda x, y: A.reciprocal(x), singular=True, sample="positive")
+_unary("log1p", np.log1p, lambda x, y: A.reciprocal(A.add(x, 1.0)), singular=True,
+       sample="positive")
+_unary("expm1", np.expm1, lambda x, y: A.add(y, 1.0))
+_unary("sin", np.sin, lambda x, y: A.cos(x))
+_unary("cos", np.cos, lambda x, y: A.neg(A.sin(x)))
+_unary("tan", np.tan, lambda x, y: A.add(A.square(y), 1.0), sample="small")
+_unary("tanh", np.tanh, lambda x, y: A.sub(1.0, A.square(y)))
+_unary("sigmoid", _sigmoid, lambda x, y: A.mul(y, A.sub(1.0, y)))
+_unary("softplus", lambda x: np.logaddexp(np.zeros((), x.dtype), x), lambda x, y: A.sigmoid(x))
+_unary("sqrt", np.sqrt, lambda x, y: A.div(0.5, y), singular=True, sample="positive")
+_unary("abs", np.abs, lambda x, y: A.sign(x), numeric=True, sample="nonzero")
+_unary("square", np.square, lambda x, y: A.mul(x, 2.0))
+_unary("reciprocal", np.reciprocal, lambda x, y: A.neg(A.square(y)), singular=True,
+       sample="nonzero")
+register(OpDef("sign", 1, numeric_unary("sign"), lambda a: np.sign,
+               lambda n, ts: None, lambda n, ct: [None], doc="sign(x); derivative 0",
+               sample="nonzero"))
+
+
+# -- binary ----------------------------------------------------------------------------
+def _lin_jvp(combine):
+    def jvp(node, ts):
+        ta, tb = ts
+        out = combine(ta, tb)
+        return None if out is None else A.broadcast_to(out, node.shape)
+    return jvp
+
+
+def _add_jvp(ta, tb):
+    return A.add_any(ta, tb)
+
+
+def _sub_jvp(ta, tb):
+    return A.add_any(ta, None if tb is None else A.neg(tb))
+
+
+def _ub(ct, x):
+    return A.unbroadcast(ct, x.shape)
+
+
+register(OpDef("add", 2, binary("add", NUMERIC), lambda a: np.add, _lin_jvp(_add_jvp),
+               lambda n, ct: [_ub(ct, n.inputs[0]), _ub(ct, n.inputs[1])], doc="a + b"))
+register(OpDef("sub", 2, binary("sub", NUMERIC), lambda a: np.subtract, _lin_jvp(_sub_jvp),
+               lambda n, ct: [_ub(ct, n.inputs[0]), _ub(A.neg(ct), n.inputs[1])],
+               doc="a - b"))
+
+
+def _partials_jvp(partials):
+    """JVP of a binary op from its local partials (da, db) given as nodes."""
+    def jvp(node, ts):
+        a, b = node.inputs
+        pa, pb = partials(node, a, b)
+        ta, tb = ts
+        out = A.add_any(None if ta is None else A.mul(ta, pa),
+                        None if tb is None else A.mul(tb, pb))
+        return None if out is None else A.broadcast_to(out, node.shape)
+    return jvp
+
+
+def _partials_vjp(partials, singular=False):
+    def vjp(node, ct):
+        a, b = node.inputs
+        pa, pb = partials(node, a, b)
+        m = A.safe_mul if singular else A.mul
+        return [_ub(m(ct, pa), a), _ub(m(ct, pb), b)]
+    return vjp
+
+
+def _binary_op(name, kernel, partials, singular=False, doc="", sample=None, numeric=False):
+    register(OpDef(name, 2, binary(name, NUMERIC if numeric else dtypes.FLOATS),
+                   lambda a: kernel, _partials_jvp(partials),
+                   _partials_vjp(partials, singular), doc=doc, sample=sample))
+
+
+_binary_op("mul", np.multiply, lambda n, a, b: (b, a), doc="a * b", numeric=True)
+_binary_op("div", np.divide, lambda n, a, b: (A.reciprocal(b), A.neg(A.div(n, b))),
+           singular=True, doc="a / b (true division)", sample="b_nonzero")
+
+
+def _pow_partials(n, a, b):
+    # d/da = b * a**(b-1), defined as 0 where b == 0 (a**0 == 1 for every a).
+    da = A.where(A.eq(b, 0.0), 0.0, A.mul(b, A.pow(a, A.sub(b, 1.0))))
+    # d/db = a**b * log(a), defined as 0 where a == 0 (the limit for b > 0); the inner
+    # where keeps log away from 0 so no inf/NaN is formed even in the untaken branch.
+    a_is_0 = A.eq(a, 0.0)
+    db = A.where(a_is_0, 0.0, A.mul(n, A.log(A.where(a_is_0, 1.0, a))))
+    return da, db
+
+
+_binary_op("pow", np.power, _pow_partials, singular=True,
+           doc="a ** b (d/db is NaN for a < 0)", sample="a_positive")
+
+
+def _extremum_partials(cmp):
+    def partials(n, a, b):
+        wa = A.where(cmp(a, b), 1.0, A.where(A.eq(a, b), 0.5, 0.0))
+        wa = A.cast(wa, n.dtype)
+        return wa, A.sub(1.0, wa)
+    return partials
+
+
+_binary_op("maximum", np.maximum, _extremum_partials(A.gt), numeric=True,
+           doc="elementwise max; at ties each side gets 1/2 of the derivative")
+_binary_op("minimum", np.minimum, _extremum_partials(A.lt), numeric=True,
+           doc="elementwise min; at ties each side gets 1/2 of the derivative")
+
+
+# -- comparisons and where ---------------------------------------------------------------
+def _cmp(name, kernel):
+    register(OpDef(name, 2, binary(name, dtypes.DTYPES, out_dtype=dtypes.BOOL),
+                   lambda a: kernel, None, None, doc=f"elementwise {name} (bool result)"))
+
+
+for _n, _k in [("lt", np.less), ("le", np.less_equal), ("gt", np.greater),
+               ("ge", np.greater_equal), ("eq", np.equal), ("ne", np.not_equal)]:
+    _cmp(_n, _k)
+
+
+def _where_infer(ins, attrs):
+    from adsvc.ops.rules import broadcast_shapes, same_dtype
+    from adsvc_client.errors import DTypeError
+
+    c, a, b = ins
+    if c.dtype != dtypes.BOOL:
+        raise DTypeError(f"op 'where': condition must be bool, got {c.dtype}")
+    dt = same_dtype("where", (a, b))
+    return dt, broadcast_shapes("where", c.shape, a.shape, b.shape)
+
+
+def _where_jvp(node, ts):
+    c, a, b = node.inputs
+    _, ta, tb = ts
+    if ta is None and tb is None:
+        return None
+    ta = A.zeros_like(a) if ta is None else ta
+    tb = A.zeros_like(b) if tb is None else tb
+    return A.where(c, ta, tb)
+
+
+def _where_vjp(node, ct):
+    c, a, b = node.inputs
+    z = A.zeros((), node.dtype)
+    return [None, _ub(A.where(c, ct, z), a), _ub(A.where(c, z, ct), b)]
+
+
+register(OpDef("where", 3, _where_infer, lambda a: np.where, _where_jvp, _where_vjp,
+               doc="where(cond, a, b): a where cond else b; no gradient flows to the "
+                   "untaken side"))

@@ -1,0 +1,41 @@
+"""constant, stop_gradient, cast."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from adsvc.ops import api as A
+from adsvc.ops.registry import Attr, OpDef, register
+from adsvc_client import dtypes
+
+
+def _no_infer(ins, attrs):  # constants are built by ir.node.constant, never by make()
+    raise AssertionError("constant nodes carry their own type")
+
+
+register(OpDef("constant", 0, _no_infer, lambda a: None, lambda n, ts: None, lambda n, ct: [],
+               doc="a literal tensor (Node.value)"))
+
+register(OpDef(
+    "stop_gradient", 1, lambda ins, a: (ins[0].dtype, ins[0].shape),
+    lambda a: (lambda x: x), lambda n, ts: None, lambda n, ct: [None],
+    doc="identity whose derivative is zero (cuts the gradient path)"))
+
+
+def _cast_jvp(node, ts):
+    t, = ts
+    if t is None or not dtypes.is_float(node.dtype):
+        return None
+    return A.cast(t, node.dtype)
+
+
+def _cast_vjp(node, ct):
+    x = node.inputs[0]
+    return [A.cast(ct, x.dtype) if dtypes.is_float(x.dtype) else None]
+
+
+register(OpDef(
+    "cast", 1, lambda ins, a: (a["dtype"], ins[0].shape),
+    lambda a: (lambda x, dt=dtypes.to_numpy(a["dtype"]): np.asarray(x).astype(dt)),
+    _cast_jvp, _cast_vjp, {"dtype": Attr("dtype", doc="target dtype")},
+    doc="convert dtype; derivative passes between float types only"))

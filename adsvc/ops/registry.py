@@ -1,0 +1,107 @@
+"""The op table: one declaration per op.
+
+An `OpDef` holds everything adsvc knows about an op: arity, attributes, the
+shape/dtype rule, the numpy kernel, and the JVP and VJP rules. Rules are written with
+the graph builder (they emit nodes), and return None for a symbolic zero derivative.
+Adding an op means adding one `OpDef` in one of the modules of this package; the
+op-table-driven tests then pick it up.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from adsvc_client import dtypes
+from adsvc_client.errors import ArityError, AttributeError_, UnknownOpError
+
+REQUIRED = object()
+ATTR_KINDS = ("int", "float", "str", "bool", "ints", "dtype")
+
+
+@dataclass(frozen=True)
+class Attr:
+    kind: str  # one of ATTR_KINDS
+    default: Any = REQUIRED
+    doc: str = ""
+
+
+@dataclass(frozen=True)
+class OpDef:
+    """Declaration of one op. See the module docstring."""
+
+    name: str
+    arity: int | None  # None: one or more operands (variadic)
+    infer: Callable  # (inputs: tuple[Node], attrs: dict) -> (dtype, shape)
+    kernel: Callable  # (attrs: dict) -> fn(*arrays) -> array
+    jvp: Callable | None = None  # (node, tangents: list[Node|None]) -> Node|None
+    vjp: Callable | None = None  # (node, ct: Node) -> list[Node|None], one per operand
+    attrs: dict[str, Attr] = field(default_factory=dict)
+    doc: str = ""
+    # Test hints for the op-table-driven tests (domain of valid float inputs etc.).
+    sample: Callable | None = None
+
+    @property
+    def differentiable(self) -> bool:
+        return self.jvp is not None
+
+
+OPS: dict[str, OpDef] = {}
+
+
+def register(op: OpDef) -> OpDef:
+    if op.name in OPS:
+        raise ValueError(f"op {op.name!r} declared twice")
+    OPS[op.name] = op
+    return op
+
+
+def get(name: str) -> OpDef:
+    try:
+        return OPS[name]
+    except KeyError:
+        raise UnknownOpError(f"unknown op {name!r}") from None
+
+
+def _check_attr(op: str, key: str, spec: Attr, v: Any) -> Any:
+    kind = spec.kind
+    ok = {
+        "int": lambda: isinstance(v, int) and not isinstance(v, bool),
+        "float": lambda: isinstance(v, (int, float)) and not isinstance(v, bool),
+        "str": lambda: isinstance(v, str),
+        "bool": lambda: isinstance(v, bool),
+        "ints": lambda: isinstance(v, tuple) and all(
+            isinstance(x, int) and not isinstance(x, bool) for x in v),
+        "dtype": lambda: v in dtypes.DTYPES,
+    }[kind]()
+    if not ok:
+        raise AttributeError_(f"op {op!r}: attribute {key!r} must be {kind}, got {v!r}")
+    return float(v) if kind == "float" else v
+
+
+def check_and_infer(op: str, inputs: tuple, attrs: tuple) -> tuple[str, tuple, tuple]:
+    """Check arity and attributes, apply defaults, run the shape rule.
+
+    Returns (dtype, shape, attrs with defaults filled in, sorted).
+    """
+    d = get(op)
+    if d.arity is None:
+        if not inputs:
+            raise ArityError(f"op {op!r} takes one or more operands, got 0")
+    elif len(inputs) != d.arity:
+        raise ArityError(f"op {op!r} takes {d.arity} operand(s), got {len(inputs)}")
+    given = dict(attrs)
+    for key in given:
+        if key not in d.attrs:
+            known = ", ".join(d.attrs) or "none"
+            raise AttributeError_(f"op {op!r} has no attribute {key!r} (known: {known})")
+    full = {}
+    for key, spec in d.attrs.items():
+        if key in given:
+            full[key] = _check_attr(op, key, spec, given[key])
+        elif spec.default is REQUIRED:
+            raise AttributeError_(f"op {op!r} requires attribute {key!r} ({spec.kind})")
+        elif spec.default is not None:
+            full[key] = spec.default
+    dtype, shape = d.infer(inputs, full)
+    return dtype, tuple(int(s) for s in shape), tuple(sorted(full.items()))

@@ -1,0 +1,1 @@
+"""Graph -> Graph passes: validation, activity analysis, JVP, VJP, simplification."""

@@ -1,0 +1,58 @@
+"""Activity analysis: which nodes carry derivatives.
+
+A node is active when it depends on a wrt input through differentiable float ops
+(stop_gradient and integer/bool values cut the path) *and* some target output depends
+on it. Only active nodes get tangents or cotangents.
+"""
+
+from __future__ import annotations
+
+from adsvc.ir.graph import Graph
+from adsvc.ir.node import Node
+from adsvc.ops.registry import OPS
+from adsvc_client import dtypes
+from adsvc_client.errors import InvalidRequestError, NotDifferentiableError
+
+
+def wrt_nodes(graph: Graph, wrt) -> list[Node]:
+    """The input nodes named by `wrt` (None = every float input); errors name the input."""
+    if wrt is None:
+        return [n for n in graph.inputs if dtypes.is_float(n.dtype)]
+    names = [wrt] if isinstance(wrt, str) else list(wrt)
+    if len(set(names)) != len(names):
+        raise InvalidRequestError(f"wrt lists an input twice: {names}", field="wrt")
+    out = []
+    for name in names:
+        try:
+            node = graph.input(name)
+        except KeyError:
+            raise InvalidRequestError(
+                f"no input named {name!r} (inputs: {', '.join(graph.input_names)})",
+                field=f"wrt.{name}") from None
+        if not dtypes.is_float(node.dtype):
+            raise NotDifferentiableError(
+                f"cannot differentiate with respect to input {name!r} of dtype {node.dtype}: "
+                "only float64/float32 inputs are differentiable", field=f"inputs.{name}")
+        out.append(node)
+    return out
+
+
+def active_nodes(graph: Graph, wrt: list[Node], targets: list[Node]) -> set[int]:
+    """ids of the nodes on a differentiable path from `wrt` to `targets`."""
+    forward: set[int] = {id(n) for n in wrt}
+    for node in graph.nodes:
+        if id(node) in forward or not node.inputs or not dtypes.is_float(node.dtype):
+            continue
+        if OPS[node.op].jvp is None or node.op == "stop_gradient":
+            continue
+        if any(id(i) in forward for i in node.inputs):
+            forward.add(id(node))
+    active: set[int] = set()
+    stack = [t for t in targets if id(t) in forward]
+    while stack:
+        node = stack.pop()
+        if id(node) in active:
+            continue
+        active.add(id(node))
+        stack.extend(i for i in node.inputs if id(i) in forward and id(i) not in active)
+    return active

@@ -1,0 +1,55 @@
+"""Composition of passes: differentiate a graph to any order in any mix of modes."""
+
+from __future__ import annotations
+
+from adsvc.ir.graph import Graph
+from adsvc.passes.activity import wrt_nodes
+from adsvc.passes.forward import jvp_graph
+from adsvc.passes.reverse import vjp_graph
+from adsvc.passes.simplify import simplify
+from adsvc_client import dtypes
+from adsvc_client.errors import InvalidRequestError
+
+MODES = ("forward", "reverse")
+
+
+def normalize_modes(mode, order: int) -> list[str]:
+    """`mode` is "forward", "reverse" or a sequence with one mode per order."""
+    if isinstance(order, bool) or not isinstance(order, int) or order < 1:
+        raise InvalidRequestError(f"order must be an integer >= 1, got {order!r}",
+                                  field="order")
+    modes = [mode] * order if isinstance(mode, str) else list(mode)
+    if len(modes) == 1 and order > 1:
+        modes = modes * order
+    if len(modes) != order:
+        raise InvalidRequestError(f"{len(modes)} modes given for order {order}", field="mode")
+    for m in modes:
+        if m not in MODES:
+            raise InvalidRequestError(f"unknown mode {m!r} (use 'forward' or 'reverse')",
+                                      field="mode")
+    return modes
+
+
+def differentiate(graph: Graph, mode="reverse", wrt=None, order: int = 1,
+                  seed: bool = False) -> Graph:
+    """The differentiated graph; see protos/README.md for the names it adds.
+
+    Pass 1 differentiates every float output; pass k > 1 differentiates the outputs
+    added by pass k-1 (so reverse then forward gives Hessian-vector products). With
+    `seed`, a first reverse pass seeds its single scalar output with 1 (plain gradient).
+    """
+    modes = normalize_modes(mode, order)
+    wrt_list = wrt_nodes(graph, wrt)
+    if not wrt_list:
+        raise InvalidRequestError("nothing to differentiate with respect to: the graph has "
+                                  "no float inputs", field="wrt")
+    targets = [k for k, n in graph.outputs if dtypes.is_float(n.dtype)]
+    g = simplify(graph)
+    for k, m in enumerate(modes, start=1):
+        tag = "" if k == 1 else str(k)
+        if m == "forward":
+            g, targets = jvp_graph(g, wrt_list, targets, tag)
+        else:
+            g, targets = vjp_graph(g, wrt_list, targets, seed=seed and k == 1, tag=tag)
+        g = simplify(g)
+    return g

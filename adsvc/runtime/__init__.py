@@ -1,0 +1,1 @@
+"""Execution: compile a graph to a slot-indexed plan and run it."""

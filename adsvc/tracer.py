@@ -1,0 +1,61 @@
+"""Trace Python functions into graphs: `trace(fn, x=f64(), y=f32(3, 4))`.
+
+The function is called once with input nodes; operators and the functions of
+`adsvc` (adsvc.exp, adsvc.sum, ...) build the graph. It may return one value (output
+"out"), a tuple/list (outputs "out0", "out1", ...) or a dict (outputs named by its keys).
+"""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass
+from typing import Callable
+
+from adsvc.ir.graph import Graph
+from adsvc.ir.node import Node, input_node
+from adsvc.ops.api import lift
+from adsvc_client import dtypes
+
+
+@dataclass(frozen=True)
+class Spec:
+    """The declared type of a traced input."""
+
+    dtype: str
+    shape: tuple[int, ...] = ()
+
+
+def f64(*shape: int) -> Spec: return Spec(dtypes.FLOAT64, tuple(shape))
+def f32(*shape: int) -> Spec: return Spec(dtypes.FLOAT32, tuple(shape))
+def i64(*shape: int) -> Spec: return Spec(dtypes.INT64, tuple(shape))
+def i32(*shape: int) -> Spec: return Spec(dtypes.INT32, tuple(shape))
+def boolean(*shape: int) -> Spec: return Spec(dtypes.BOOL, tuple(shape))
+
+
+def _outputs(result) -> list[tuple[str, Node]]:
+    if isinstance(result, dict):
+        items = list(result.items())
+    elif isinstance(result, (tuple, list)):
+        items = [(f"out{i}", v) for i, v in enumerate(result)]
+    else:
+        items = [("out", result)]
+    out = []
+    for name, v in items:
+        if not isinstance(name, str) or not name or ":" in name:
+            raise ValueError(f"bad output name {name!r}: use a non-empty string without ':'")
+        out.append((name, lift(v)))
+    return out
+
+
+def trace(fn: Callable, name: str | None = None, **specs: Spec) -> Graph:
+    """Graph of `fn`, with one input per keyword in `specs` (default: every parameter of
+    `fn` a float64 scalar)."""
+    if not specs:
+        specs = {p: f64() for p in inspect.signature(fn).parameters}
+    for k, s in specs.items():
+        if not isinstance(s, Spec):
+            raise TypeError(f"input {k!r}: give a type such as adsvc.f64() or adsvc.f32(3, 4)")
+    inputs = {k: input_node(k, s.dtype, s.shape) for k, s in specs.items()}
+    result = fn(**inputs)
+    return Graph(list(inputs.values()), _outputs(result),
+                 name or getattr(fn, "__name__", "") .replace("<lambda>", "lambda"))

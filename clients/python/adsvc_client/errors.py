@@ -1,0 +1,145 @@
+"""Typed errors shared by the compiler, the server and the SDK.
+
+Every error names what is wrong: `field` locates it (``nodes[id=7]``, ``inputs.x``,
+``outputs.z``) and `description` says what. The server maps each class to a gRPC
+status code (`grpc_code`) and a ``google.rpc.BadRequest`` field violation; the SDK
+turns that detail back into the same class, so local and remote callers catch the
+same exceptions.
+"""
+
+from __future__ import annotations
+
+
+class AdsvcError(Exception):
+    """Base class. `grpc_code` is the name of the gRPC status code the server returns."""
+
+    grpc_code = "INTERNAL"
+
+    def __init__(self, description: str, field: str = "", context: str = ""):
+        self.description = description
+        self.field = field
+        self.context = context
+        msg = f"{field}: {description}" if field else description
+        if context:
+            msg = f"{msg}\n{context}"
+        super().__init__(msg)
+
+
+class InvalidGraphError(AdsvcError):
+    """The graph is malformed."""
+
+    grpc_code = "INVALID_ARGUMENT"
+
+
+class VersionError(InvalidGraphError):
+    """IR or opset version this reader does not know."""
+
+
+class UnknownOpError(InvalidGraphError):
+    """A node names an op that is not in the op table."""
+
+
+class ArityError(InvalidGraphError):
+    """A node has the wrong number of operands."""
+
+
+class AttributeError_(InvalidGraphError):
+    """A node attribute is missing, unknown, of the wrong kind or out of range."""
+
+
+class UndefinedReferenceError(InvalidGraphError):
+    """An operand or output refers to an id that is not defined in the graph."""
+
+
+class ForwardReferenceError(InvalidGraphError):
+    """An operand refers to a node listed later (nodes must be in topological order)."""
+
+
+class DuplicateIdError(InvalidGraphError):
+    """Two inputs/nodes share an id, or two inputs/outputs share a name."""
+
+
+class CycleError(InvalidGraphError):
+    """The operand references form a cycle; `cycle` lists the node ids on it."""
+
+    def __init__(self, description: str, field: str = "", context: str = "", cycle=()):
+        super().__init__(description, field, context)
+        self.cycle = list(cycle)
+
+
+class ShapeError(InvalidGraphError):
+    """Operand shapes are incompatible with the op."""
+
+
+class DTypeError(InvalidGraphError):
+    """Operand dtypes are incompatible with the op."""
+
+
+class NotDifferentiableError(InvalidGraphError):
+    """A derivative was requested through an integer or boolean value."""
+
+
+class InvalidRequestError(AdsvcError):
+    """The request is malformed apart from the graph (bad mode, wrt name, order ...)."""
+
+    grpc_code = "INVALID_ARGUMENT"
+
+
+class InputError(AdsvcError):
+    """A fed input is missing, unknown, or has the wrong dtype or shape."""
+
+    grpc_code = "INVALID_ARGUMENT"
+
+
+class EvaluationError(AdsvcError):
+    """A kernel failed while evaluating a well-formed graph (e.g. index out of range)."""
+
+    grpc_code = "INVALID_ARGUMENT"
+
+
+class LimitExceededError(AdsvcError):
+    """A configured limit (nodes, tensor elements, message size, order) was exceeded."""
+
+    grpc_code = "RESOURCE_EXHAUSTED"
+
+
+class HandleNotFoundError(AdsvcError):
+    """The compiled-graph handle is not (or no longer) cached on the server."""
+
+    grpc_code = "NOT_FOUND"
+
+
+class UnauthenticatedError(AdsvcError):
+    """A token is required and was missing or wrong."""
+
+    grpc_code = "UNAUTHENTICATED"
+
+
+class DeadlineExceededError(AdsvcError):
+    """The call's deadline expired; the work was stopped."""
+
+    grpc_code = "DEADLINE_EXCEEDED"
+
+
+class UnavailableError(AdsvcError):
+    """The server could not be reached (after retries)."""
+
+    grpc_code = "UNAVAILABLE"
+
+
+class CancelledError(AdsvcError):
+    """The call was cancelled."""
+
+    grpc_code = "CANCELLED"
+
+
+ERROR_CLASSES: dict[str, type[AdsvcError]] = {
+    cls.__name__: cls
+    for cls in [
+        AdsvcError, InvalidGraphError, VersionError, UnknownOpError, ArityError,
+        AttributeError_, UndefinedReferenceError, ForwardReferenceError, DuplicateIdError,
+        CycleError, ShapeError, DTypeError, NotDifferentiableError, InvalidRequestError,
+        InputError, EvaluationError, LimitExceededError, HandleNotFoundError,
+        UnauthenticatedError, DeadlineExceededError, UnavailableError, CancelledError,
+    ]
+}

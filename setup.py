@@ -1,0 +1,25 @@
+"""Build hook: generate the protobuf/gRPC Python modules from protos/ at build time.
+
+The generated modules are never committed. They are written into the SDK package
+(clients/python/adsvc_client/proto/), which owns the wire protocol, with their
+cross-file imports made package-relative so the package can live anywhere.
+"""
+
+import sys
+from pathlib import Path
+
+from setuptools import setup
+from setuptools.command.build_py import build_py
+
+ROOT = Path(__file__).resolve().parent
+sys.path.insert(0, str(ROOT / "clients" / "python"))
+from protogen import generate  # noqa: E402
+
+
+class BuildWithProtos(build_py):
+    def run(self):
+        generate(ROOT / "protos", ROOT / "clients" / "python" / "adsvc_client" / "proto")
+        super().run()
+
+
+setup(cmdclass={"build_py": BuildWithProtos})
