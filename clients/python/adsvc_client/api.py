@@ -71,12 +71,13 @@ class ClientBase:
         c = self._compile(g, (), None, False, timeout)
         return self._run(c, {**(inputs or {}), **kw}, timeout)
 
-    def differentiate(self, g, mode="reverse", wrt=None, order: int = 1, *,
+    def differentiate(self, g, mode="reverse", wrt=None, order: int | None = None, *,
                       seed: bool = False, timeout: float | None = None):
         """The differentiated graph (see protos/README.md for the names it adds).
 
         `mode` is "forward", "reverse" or one mode per order, e.g. ("reverse", "forward")
-        for Hessian-vector products. `seed` makes a first reverse pass a plain gradient of
+        for Hessian-vector products (`order` defaults to the number of modes given).
+        `seed` makes a first reverse pass a plain gradient of
         a single scalar output (no cotangent input).
         """
         modes = self._modes(mode, order)
@@ -205,6 +206,8 @@ class ClientBase:
     # -- helpers -----------------------------------------------------------------------
     @staticmethod
     def _modes(mode, order) -> tuple[str, ...]:
+        if order is None:
+            order = 1 if isinstance(mode, str) else len(tuple(mode))
         if isinstance(order, bool) or not isinstance(order, int) or order < 1:
             raise InvalidRequestError(f"order must be an integer >= 1, got {order!r}",
                                       field="order")
