@@ -109,8 +109,14 @@ def _logsumexp(x, axis=None, keepdims=False):
 
 
 def _softmax(node):
+    """exp(x - lse) computed as exp(x - m) / sum(exp(x - m)), m = max(x): exact to
+    rounding even when |x| is large (exp(x - lse) would amplify the rounding of lse).
+    m is held constant: the expression does not depend on it mathematically."""
     x = node.inputs[0]
-    return A.exp(A.sub(x, _expand(node, node)))
+    axes = _axes(node)
+    m = A.stop_gradient(A.max(x, axes, keepdims=True))
+    e = A.exp(A.sub(x, m))
+    return A.div(e, A.sum(e, axes, keepdims=True))
 
 
 def _lse_jvp(node, ts):
