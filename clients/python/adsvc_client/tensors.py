@@ -33,7 +33,7 @@ def to_tensor(value, dtype: str | None = None) -> ir_pb2.Tensor:
             dtype = dtypes.INT64
         else:
             dtype = dtypes.from_numpy(arr.dtype)
-    arr = np.ascontiguousarray(arr, dtype=dtypes.to_numpy(dtype))
+    arr = np.asarray(arr, dtype=dtypes.to_numpy(dtype), order="C")  # keeps 0-d shapes
     return ir_pb2.Tensor(dtype=TO_ENUM[dtype], dims=arr.shape, raw=arr.tobytes())
 
 
