@@ -1,0 +1,168 @@
+"""Pure service logic: request specs, graph decoding under limits, cached compilation,
+evaluation. No gRPC here; service.py parses requests and calls these."""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+
+import numpy as np
+from adsvc_client.errors import (
+    HandleNotFoundError,
+    InvalidRequestError,
+    LimitExceededError,
+)
+from adsvc_client.proto import ir_pb2, service_pb2
+from adsvc_client.tensors import from_tensor, to_tensor
+
+from adsvc.ir.codec import graph_from_proto, graph_to_proto
+from adsvc.ir.graph import Graph
+from adsvc.local import compile_graph, signature
+from adsvc.runtime.plan import Plan
+from adsvc.server.cache import LRUCache
+from adsvc.server.config import ServerConfig
+
+MODE_NAMES = {service_pb2.MODE_FORWARD: "forward", service_pb2.MODE_REVERSE: "reverse"}
+
+
+@dataclass(frozen=True)
+class Spec:
+    """What to do to a graph before evaluating it (empty modes: only simplify)."""
+
+    modes: tuple[str, ...] = ()
+    wrt: tuple[str, ...] | None = None
+    seed: bool = False
+
+    def describe(self) -> str:
+        return f"modes={list(self.modes)} wrt={list(self.wrt or [])} seed={self.seed}"
+
+
+@dataclass
+class Entry:
+    """A compiled graph in the cache."""
+
+    handle: str
+    spec: Spec
+    graph: Graph
+    plan: Plan
+    nodes_before: int
+    compile_seconds: float
+    inputs: dict = field(default_factory=dict)  # name -> (dtype, shape)
+    outputs: dict = field(default_factory=dict)
+    _proto: ir_pb2.Graph | None = None
+
+    @property
+    def nodes_after(self) -> int:
+        return len(self.graph.nodes)
+
+    def proto(self) -> ir_pb2.Graph:
+        if self._proto is None:
+            self._proto = graph_to_proto(self.graph)
+        return self._proto
+
+
+def spec_from_proto(d: service_pb2.Differentiation, config: ServerConfig,
+                    where: str = "differentiation") -> Spec:
+    modes = []
+    for i, m in enumerate(d.modes):
+        if m not in MODE_NAMES:
+            raise InvalidRequestError(f"mode {m} is not MODE_FORWARD or MODE_REVERSE",
+                                      field=f"{where}.modes[{i}]")
+        modes.append(MODE_NAMES[m])
+    order = d.order or len(modes)
+    if len(modes) == 1 and order > 1:
+        modes *= order
+    if len(modes) != order:
+        raise InvalidRequestError(f"{len(modes)} modes given for order {order}",
+                                  field=f"{where}.order")
+    if config.max_order and order > config.max_order:
+        raise LimitExceededError(f"order {order} exceeds the limit of {config.max_order}",
+                                 field=f"{where}.order")
+    if not modes and (d.wrt or d.seed):
+        raise InvalidRequestError("wrt/seed given without any mode", field=f"{where}.modes")
+    wrt = tuple(d.wrt) if d.wrt else None
+    return Spec(tuple(modes), wrt, bool(d.seed))
+
+
+def check_elements(graph: Graph, config: ServerConfig, what: str) -> None:
+    limit = config.max_tensor_elements
+    if not limit:
+        return
+    for i, n in enumerate(graph.nodes):
+        size = int(np.prod(n.shape, dtype=np.int64)) if n.shape else 1
+        if size > limit:
+            raise LimitExceededError(
+                f"{what} node {i} ({n.op}) has shape {list(n.shape)} = {size} elements; the "
+                f"limit is {limit}", field="nodes" if n.op != "input" else f"inputs.{n.name}")
+
+
+def decode_graph(proto: ir_pb2.Graph, config: ServerConfig) -> Graph:
+    graph = graph_from_proto(proto, max_nodes=config.limit(config.max_nodes),
+                             max_elements=config.limit(config.max_tensor_elements))
+    check_elements(graph, config, "graph")
+    return graph
+
+
+def content_hash(graph: Graph, spec: Spec) -> str:
+    """sha256 of the canonical (re-encoded, deterministic) graph and the spec."""
+    h = hashlib.sha256(graph_to_proto(graph).SerializeToString(deterministic=True))
+    h.update(b"\0" + repr((spec.modes, spec.wrt, spec.seed)).encode())
+    return h.hexdigest()
+
+
+class Compiler:
+    """Compiles graphs once per content hash and keeps them in a bounded LRU."""
+
+    def __init__(self, config: ServerConfig):
+        self.config = config
+        self.cache = LRUCache(config.cache_entries)
+
+    def lookup(self, handle: str) -> Entry:
+        entry = self.cache.get(handle) if handle else None
+        if entry is None:
+            raise HandleNotFoundError(
+                f"no compiled graph with handle {handle[:16]!r}... on this server; send "
+                "the graph instead", field="handle")
+        return entry
+
+    def compile(self, proto: ir_pb2.Graph, spec: Spec,
+                check: Callable[[], None] | None = None) -> tuple[Entry, bool]:
+        """(entry, cache_hit). `check` may raise to stop (deadline) between stages."""
+        graph = decode_graph(proto, self.config)
+        key = content_hash(graph, spec)
+        entry = self.cache.get(key)
+        if entry is not None:
+            return entry, True
+        if check is not None:
+            check()
+        start = time.perf_counter()
+        out = compile_graph(graph, spec.modes, spec.wrt, spec.seed)
+        limit = self.config.max_compiled_nodes
+        if limit and len(out.nodes) > limit:
+            raise LimitExceededError(f"the compiled graph has {len(out.nodes)} nodes; the "
+                                     f"limit is {limit}", field="differentiation")
+        check_elements(out, self.config, "compiled graph")
+        plan = Plan(out)
+        ins, outs = signature(out)
+        entry = Entry(key, spec, out, plan, len(proto.inputs) + len(proto.nodes),
+                      time.perf_counter() - start, ins, outs)
+        self.cache.put(key, entry)
+        return entry, False
+
+
+def decode_feeds(tensors: Mapping[str, ir_pb2.Tensor], config: ServerConfig,
+                 prefix: str = "") -> dict[str, np.ndarray]:
+    limit = config.limit(config.max_tensor_elements)
+    return {name: from_tensor(t, f"{prefix}inputs.{name}", max_elements=limit)
+            for name, t in tensors.items()}
+
+
+def encode_outputs(entry: Entry, values: Mapping[str, np.ndarray]) -> dict[str, ir_pb2.Tensor]:
+    return {name: to_tensor(v, entry.outputs[name][0]) for name, v in values.items()}
+
+
+def evaluate(entry: Entry, feeds: Mapping[str, np.ndarray],
+             interrupt: Callable[[], None] | None) -> dict[str, np.ndarray]:
+    return entry.plan.run(feeds, interrupt=interrupt)

@@ -1,0 +1,76 @@
+"""The one table from typed errors to gRPC status codes, and the rich error details.
+
+A failed call carries a ``google.rpc.Status`` whose details are a ``BadRequest`` field
+violation (`field` names the node or input, `description` says what is wrong) and an
+``ErrorInfo`` (domain "adsvc", `reason` = the error class name, metadata with the
+field and, when present, the nearby-nodes context and a cycle). The SDK rebuilds the
+same exception class from `reason`.
+"""
+
+from __future__ import annotations
+
+import grpc
+from adsvc_client import errors as E
+from google.protobuf import any_pb2
+from google.rpc import code_pb2, error_details_pb2, status_pb2
+from grpc_status import rpc_status
+
+DOMAIN = "adsvc"
+
+# Most specific class first; an error maps to the first entry it is an instance of.
+STATUS_CODES: tuple[tuple[type[E.AdsvcError], grpc.StatusCode], ...] = (
+    (E.InvalidGraphError, grpc.StatusCode.INVALID_ARGUMENT),
+    (E.InvalidRequestError, grpc.StatusCode.INVALID_ARGUMENT),
+    (E.InputError, grpc.StatusCode.INVALID_ARGUMENT),
+    (E.EvaluationError, grpc.StatusCode.INVALID_ARGUMENT),
+    (E.LimitExceededError, grpc.StatusCode.RESOURCE_EXHAUSTED),
+    (E.HandleNotFoundError, grpc.StatusCode.NOT_FOUND),
+    (E.UnauthenticatedError, grpc.StatusCode.UNAUTHENTICATED),
+    (E.DeadlineExceededError, grpc.StatusCode.DEADLINE_EXCEEDED),
+    (E.CancelledError, grpc.StatusCode.CANCELLED),
+    (E.UnavailableError, grpc.StatusCode.UNAVAILABLE),
+    (E.AdsvcError, grpc.StatusCode.INTERNAL),
+)
+
+
+def status_code(err: E.AdsvcError) -> grpc.StatusCode:
+    for cls, code in STATUS_CODES:
+        if isinstance(err, cls):
+            return code
+    return grpc.StatusCode.INTERNAL
+
+
+def _pack(msg) -> any_pb2.Any:
+    a = any_pb2.Any()
+    a.Pack(msg)
+    return a
+
+
+def to_status(err: E.AdsvcError, field_prefix: str = "") -> grpc.Status:
+    """The grpc.Status (code, message, rich details) to abort a call with."""
+    code = status_code(err)
+    field = field_prefix + err.field if err.field else field_prefix.rstrip(".")
+    violation = error_details_pb2.BadRequest.FieldViolation(
+        field=field, description=err.description)
+    metadata = {"field": field}
+    if err.context:
+        metadata["context"] = err.context
+    cycle = getattr(err, "cycle", None)
+    if cycle:
+        metadata["cycle"] = ",".join(str(c) for c in cycle)
+    info = error_details_pb2.ErrorInfo(reason=type(err).__name__, domain=DOMAIN,
+                                       metadata=metadata)
+    message = f"{type(err).__name__}: {field + ': ' if field else ''}{err.description}"
+    status = status_pb2.Status(
+        code=getattr(code_pb2, code.name), message=message,
+        details=[_pack(error_details_pb2.BadRequest(field_violations=[violation])),
+                 _pack(info)])
+    return rpc_status.to_status(status)
+
+
+def internal_status(request_id: str) -> grpc.Status:
+    """A bug on our side: no stack trace to the caller, just the id to find it in the log."""
+    status = status_pb2.Status(
+        code=code_pb2.INTERNAL,
+        message=f"internal error (request id {request_id}); see the server log")
+    return rpc_status.to_status(status)

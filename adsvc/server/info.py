@@ -1,0 +1,65 @@
+"""GetServerInfo: versions, the op table, limits and counters as a ServerInfo message."""
+
+from __future__ import annotations
+
+import os
+
+from adsvc_client.proto import ir_pb2, service_pb2
+from adsvc_client.tensors import TO_ENUM
+
+from adsvc.ops.registry import OPS, REQUIRED
+from adsvc.passes.validate import IR_VERSION, OPSET_VERSION
+from adsvc.server.config import ServerConfig
+
+KINDS = {
+    "int": service_pb2.ATTR_KIND_INT, "float": service_pb2.ATTR_KIND_FLOAT,
+    "str": service_pb2.ATTR_KIND_STRING, "bool": service_pb2.ATTR_KIND_BOOL,
+    "ints": service_pb2.ATTR_KIND_INTS, "dtype": service_pb2.ATTR_KIND_DTYPE,
+}
+
+
+def _default(kind: str, v) -> ir_pb2.AttrValue | None:
+    if v is None or v is REQUIRED:
+        return None
+    return {
+        "int": lambda: ir_pb2.AttrValue(i=int(v)),
+        "float": lambda: ir_pb2.AttrValue(f=float(v)),
+        "str": lambda: ir_pb2.AttrValue(s=str(v)),
+        "bool": lambda: ir_pb2.AttrValue(b=bool(v)),
+        "ints": lambda: ir_pb2.AttrValue(ints=ir_pb2.IntList(values=list(v))),
+        "dtype": lambda: ir_pb2.AttrValue(dtype=TO_ENUM[v]),
+    }[kind]()
+
+
+def op_list() -> list[service_pb2.OpInfo]:
+    ops = []
+    for name in sorted(OPS):
+        op = OPS[name]
+        info = service_pb2.OpInfo(name=name, arity=op.arity or 0, variadic=op.arity is None,
+                                  differentiable=op.differentiable, doc=op.doc)
+        for key in sorted(op.attrs):
+            a = op.attrs[key]
+            ai = info.attrs.add(name=key, kind=KINDS[a.kind], required=a.default is REQUIRED,
+                                doc=a.doc)
+            d = _default(a.kind, a.default)
+            if d is not None:
+                ai.default_value.CopyFrom(d)
+        ops.append(info)
+    return ops
+
+
+def limits(config: ServerConfig) -> service_pb2.Limits:
+    return service_pb2.Limits(
+        max_message_bytes=config.max_message_bytes, max_nodes=config.max_nodes,
+        max_compiled_nodes=config.max_compiled_nodes,
+        max_tensor_elements=config.max_tensor_elements, max_order=config.max_order,
+        max_stream_feeds=config.max_stream_feeds, cache_entries=config.cache_entries,
+        auth_required=bool(config.token))
+
+
+def server_info(config: ServerConfig, stats: service_pb2.ServerStats) -> service_pb2.ServerInfo:
+    from adsvc import __version__
+
+    return service_pb2.ServerInfo(
+        server_version=__version__, ir_version=IR_VERSION, opset_version=OPSET_VERSION,
+        ops=op_list(), limits=limits(config), stats=stats, pid=os.getpid())

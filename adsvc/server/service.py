@@ -1,0 +1,285 @@
+"""The thin servicer: parse the request, call the pure functions of compiler.py, serialize.
+
+Every method runs inside `_call`, which authenticates, assigns the request id (from
+"x-request-id" metadata or a fresh one, returned in the trailing metadata), turns typed
+errors into rich statuses (errors.py), counts the call and logs one line for it.
+"""
+
+from __future__ import annotations
+
+import functools
+import hmac
+import logging
+import threading
+import time
+import uuid
+from collections import namedtuple
+
+import grpc
+from adsvc_client.errors import (
+    AdsvcError,
+    CancelledError,
+    DeadlineExceededError,
+    InvalidRequestError,
+    LimitExceededError,
+    UnauthenticatedError,
+)
+from adsvc_client.proto import ir_pb2, service_pb2, service_pb2_grpc
+from adsvc_client.tensors import TO_ENUM, to_tensor
+
+from adsvc.server import errors as status_table
+from adsvc.server.compiler import (
+    MODE_NAMES,
+    Compiler,
+    decode_feeds,
+    encode_outputs,
+    evaluate,
+    spec_from_proto,
+)
+from adsvc.server.config import ServerConfig
+from adsvc.server.gradient import value_and_grad
+from adsvc.server.info import server_info
+
+log = logging.getLogger("adsvc.server")
+REQUEST_ID = "x-request-id"
+
+
+class _Status(namedtuple("_Status", ("code", "details", "trailing_metadata")), grpc.Status):
+    pass
+
+
+class Call:
+    """Per-call state: request id, where errors are located, how the work ended."""
+
+    def __init__(self, rpc: str, context: grpc.ServicerContext):
+        self.rpc = rpc
+        self.context = context
+        self.start = time.perf_counter()
+        md = dict(context.invocation_metadata() or ())
+        self.metadata = md
+        self.request_id = (md.get(REQUEST_ID) or uuid.uuid4().hex)[:128]
+        self.field_prefix = ""
+        self.checks = 0  # interrupt() calls during evaluation (one per 256 steps)
+        self.interrupted = False
+        self.detail = ""
+
+    def interrupt(self) -> None:
+        """Raise if the deadline expired or the client went away (stops the evaluator)."""
+        self.checks += 1
+        remaining = self.context.time_remaining()
+        if remaining is not None and remaining <= 0:
+            self.interrupted = True
+            raise DeadlineExceededError("the deadline expired; the work was stopped")
+        if not self.context.is_active():
+            self.interrupted = True
+            raise CancelledError("the call was cancelled; the work was stopped")
+
+
+def _call(method):
+    """Wrap a unary or server-streaming handler with the per-call machinery."""
+    rpc = method.__name__
+    streaming = rpc == "EvaluateStream"
+
+    def _run(self, request, context, body):
+        call = self._begin(rpc, context)
+        status = "OK"
+        try:
+            self._authorize(call)
+            result = yield from body(call)
+            return result
+        except AdsvcError as e:
+            status = status_table.status_code(e).name
+            if call.interrupted:
+                self._count("evaluations_interrupted")
+                call.detail += f" interrupted after {call.checks * 256} evaluation steps"
+            self._abort(call, status_table.to_status(e, call.field_prefix))
+        except Exception:
+            if not context.is_active():
+                status = "CANCELLED"
+                return None
+            status = "INTERNAL"
+            log.exception("rpc=%s request_id=%s failed", rpc, call.request_id)
+            self._abort(call, status_table.internal_status(call.request_id))
+        finally:
+            self._end(call, status)
+
+    if streaming:
+        @functools.wraps(method)
+        def stream_wrapper(self, request_iterator, context):
+            return (yield from _run(self, request_iterator, context,
+                                    lambda call: method(self, request_iterator, call)))
+        return stream_wrapper
+
+    @functools.wraps(method)
+    def unary_wrapper(self, request, context):
+        def body(call):
+            return method(self, request, call)
+            yield  # pragma: no cover  (makes `body` a generator for `yield from`)
+        gen = _run(self, request, context, body)
+        try:
+            while True:
+                next(gen)
+        except StopIteration as stop:
+            return stop.value
+    return unary_wrapper
+
+
+class AutodiffServicer(service_pb2_grpc.AutodiffServiceServicer):
+    def __init__(self, config: ServerConfig):
+        self.config = config
+        self.compiler = Compiler(config)
+        self._lock = threading.Lock()
+        self.counters = {"calls_in_flight": 0, "calls_total": 0, "evaluations_interrupted": 0}
+
+    # -- per-call machinery --------------------------------------------------------
+    def _count(self, key: str, delta: int = 1) -> None:
+        with self._lock:
+            self.counters[key] += delta
+
+    def _begin(self, rpc: str, context) -> Call:
+        call = Call(rpc, context)
+        context.set_trailing_metadata(((REQUEST_ID, call.request_id),))
+        with self._lock:
+            self.counters["calls_in_flight"] += 1
+            self.counters["calls_total"] += 1
+        return call
+
+    def _end(self, call: Call, status: str) -> None:
+        self._count("calls_in_flight", -1)
+        log.info("rpc=%s request_id=%s status=%s ms=%.1f peer=%s%s", call.rpc, call.request_id,
+                 status, (time.perf_counter() - call.start) * 1000, call.context.peer(),
+                 call.detail)
+
+    def _authorize(self, call: Call) -> None:
+        token = self.config.token
+        if not token:
+            return
+        given = call.metadata.get("authorization", "")
+        if not hmac.compare_digest(given.encode(), f"Bearer {token}".encode()):
+            raise UnauthenticatedError("a valid bearer token is required "
+                                       "(metadata 'authorization: Bearer <token>')",
+                                       field="authorization")
+
+    @staticmethod
+    def _abort(call: Call, status: grpc.Status) -> None:
+        md = tuple(status.trailing_metadata or ()) + ((REQUEST_ID, call.request_id),)
+        call.context.abort_with_status(_Status(status.code, status.details, md))
+
+    def _limit_response(self, response) -> None:
+        limit = self.config.max_message_bytes
+        if limit and response.ByteSize() > limit:
+            raise LimitExceededError(f"the response would be {response.ByteSize()} bytes; the "
+                                     f"message limit is {limit}", field="response")
+
+    def _source(self, request, call: Call, where: str = ""):
+        """The compiled entry for a request with a `source` oneof and `differentiation`."""
+        kind = request.WhichOneof("source")
+        if kind == "graph":
+            spec = spec_from_proto(request.differentiation, self.config,
+                                   f"{where}differentiation")
+            entry, hit = self.compiler.compile(request.graph, spec, call.interrupt)
+            call.detail += f" cache={'hit' if hit else 'miss'}"
+            return entry
+        if kind == "handle":
+            call.detail += " cache=handle"
+            return self.compiler.lookup(request.handle)
+        raise InvalidRequestError("set either graph or handle", field=f"{where}source")
+
+    # -- RPCs ------------------------------------------------------------------------
+    @_call
+    def Differentiate(self, request, call):
+        if not request.HasField("graph"):
+            raise InvalidRequestError("graph is required", field="graph")
+        spec = spec_from_proto(request.differentiation, self.config)
+        entry, hit = self.compiler.compile(request.graph, spec, call.interrupt)
+        call.detail = f" cache={'hit' if hit else 'miss'} nodes={entry.nodes_after}"
+        resp = service_pb2.DifferentiateResponse(
+            handle=entry.handle,
+            stats=service_pb2.CompileStats(
+                nodes_before=len(request.graph.inputs) + len(request.graph.nodes),
+                nodes_after=entry.nodes_after, cache_hit=hit,
+                compile_seconds=0.0 if hit else entry.compile_seconds))
+        for name, (dt, shape) in entry.inputs.items():
+            resp.inputs.add(name=name).type.CopyFrom(_type(dt, shape))
+        for name, (dt, shape) in entry.outputs.items():
+            resp.outputs.add(name=name).type.CopyFrom(_type(dt, shape))
+        if not request.omit_graph:
+            resp.graph.CopyFrom(entry.proto())
+        self._limit_response(resp)
+        return resp
+
+    @_call
+    def Evaluate(self, request, call):
+        entry = self._source(request, call)
+        feeds = decode_feeds(request.inputs, self.config)
+        values = evaluate(entry, feeds, call.interrupt)
+        resp = service_pb2.EvaluateResponse(outputs=encode_outputs(entry, values),
+                                            handle=entry.handle)
+        self._limit_response(resp)
+        return resp
+
+    @_call
+    def Gradient(self, request, call):
+        if request.mode == service_pb2.MODE_UNSPECIFIED:
+            mode = "reverse"
+        elif request.mode in MODE_NAMES:
+            mode = MODE_NAMES[request.mode]
+        else:
+            raise InvalidRequestError(f"unknown mode {request.mode}", field="mode")
+        kind = request.WhichOneof("source")
+        if kind == "handle":
+            source = self.compiler.lookup(request.handle)
+        elif kind == "graph":
+            source = request.graph
+        else:
+            raise InvalidRequestError("set either graph or handle", field="source")
+        feeds = decode_feeds(request.inputs, self.config)
+        wrt = tuple(request.wrt) if request.wrt else None
+        value, grads, name, entry = value_and_grad(self.compiler, source, mode, wrt, feeds,
+                                                   call.interrupt)
+        resp = service_pb2.GradientResponse(
+            value=to_tensor(value, entry.outputs[name][0]), output_name=name,
+            handle=entry.handle,
+            gradients={x: to_tensor(g, entry.inputs[x][0]) for x, g in grads.items()})
+        self._limit_response(resp)
+        return resp
+
+    @_call
+    def EvaluateStream(self, request_iterator, call):
+        first = next(request_iterator, None)
+        if first is None:
+            return
+        if first.WhichOneof("kind") != "target":
+            raise InvalidRequestError("the first message must be a target (graph or handle)",
+                                      field="target")
+        entry = self._source(first.target, call, "target.")
+        limit = self.config.max_stream_feeds
+        for index, msg in enumerate(request_iterator):
+            call.field_prefix = f"feeds[{index}]."
+            if limit and index >= limit:
+                raise LimitExceededError(f"more than {limit} feeds in one stream", field="")
+            if msg.WhichOneof("kind") != "feed":
+                raise InvalidRequestError("only the first message may be a target",
+                                          field="kind")
+            feeds = decode_feeds(msg.feed.inputs, self.config)
+            values = evaluate(entry, feeds, call.interrupt)
+            resp = service_pb2.EvaluateStreamResponse(
+                index=index, outputs=encode_outputs(entry, values), handle=entry.handle)
+            self._limit_response(resp)
+            yield resp
+        call.field_prefix = ""
+
+    @_call
+    def GetServerInfo(self, request, call):
+        with self._lock:
+            c = dict(self.counters)
+        cache = self.compiler.cache
+        stats = service_pb2.ServerStats(
+            calls_in_flight=c["calls_in_flight"], calls_total=c["calls_total"],
+            cache_size=len(cache), cache_hits=cache.hits, cache_misses=cache.misses,
+            evaluations_interrupted=c["evaluations_interrupted"])
+        return server_info(self.config, stats)
+
+
+def _type(dtype: str, shape) -> ir_pb2.TensorType:
+    return ir_pb2.TensorType(dtype=TO_ENUM[dtype], dims=list(shape))
