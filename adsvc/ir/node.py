@@ -8,6 +8,7 @@ ill-typed node can never exist.
 
 from __future__ import annotations
 
+import math
 import threading
 import weakref
 from typing import Any
@@ -49,7 +50,7 @@ class Node:
 
     @property
     def size(self) -> int:
-        return int(np.prod(self.shape, dtype=np.int64))
+        return math.prod(self.shape)
 
     def __repr__(self) -> str:
         what = self.name if self.op == "input" else self.op
