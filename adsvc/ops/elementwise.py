@@ -25,7 +25,21 @@ def _sigmoid(x):
     return (0.5 * (1.0 + np.tanh(0.5 * x))).astype(x.dtype, copy=False)
 
 
-def _unary(name, kernel, d, *, singular=False, numeric=False, linear_neg=False, sample=None):
+UNARY_DOCS = {
+    "exp": "e**x; derivative e**x", "log": "natural log; derivative 1/x",
+    "log1p": "log(1 + x), accurate near 0; derivative 1/(1 + x)",
+    "expm1": "e**x - 1, accurate near 0; derivative e**x", "sin": "sine; derivative cos(x)",
+    "cos": "cosine; derivative -sin(x)", "tan": "tangent; derivative 1 + tan(x)**2",
+    "tanh": "hyperbolic tangent; derivative 1 - tanh(x)**2",
+    "sigmoid": "1/(1 + e**-x), stable; derivative s(1 - s)",
+    "softplus": "log(1 + e**x), stable; derivative sigmoid(x)",
+    "sqrt": "square root; derivative 1/(2 sqrt(x)), +inf at 0",
+    "abs": "|x|; derivative sign(x), 0 at 0", "square": "x*x; derivative 2x",
+    "reciprocal": "1/x; derivative -1/x**2",
+}
+
+
+def _unary(name, kernel, d, *, singular=False, numeric=False, sample=None):
     def jvp(node, ts):
         t, = ts
         if t is None:
@@ -38,14 +52,14 @@ def _unary(name, kernel, d, *, singular=False, numeric=False, linear_neg=False, 
 
     infer = numeric_unary(name) if numeric else float_unary(name)
     register(OpDef(name, 1, infer, lambda attrs: kernel, jvp, vjp, sample=sample,
-                   doc=f"elementwise {name}"))
+                   doc=UNARY_DOCS[name]))
 
 
 # neg, abs and sign also accept integers (not differentiated there: activity analysis
 # never reaches integer values).
 register(OpDef("neg", 1, numeric_unary("neg"), lambda a: np.negative,
                lambda n, ts: None if ts[0] is None else A.neg(ts[0]),
-               lambda n, ct: [A.neg(ct)], doc="-x"))
+               lambda n, ct: [A.neg(ct)], doc="-x; derivative -1"))
 _unary("exp", np.exp, lambda x, y: y)
 _unary("log", np.log, lambda x, y: A.reciprocal(x), singular=True, sample="positive")
 _unary("log1p", np.log1p, lambda x, y: A.reciprocal(A.add(x, 1.0)), singular=True,
@@ -156,9 +170,12 @@ _binary_op("minimum", np.minimum, _extremum_partials(A.lt), numeric=True,
 
 
 # -- comparisons and where ---------------------------------------------------------------
+CMP_SYMBOL = {"lt": "<", "le": "<=", "gt": ">", "ge": ">=", "eq": "==", "ne": "!="}
+
+
 def _cmp(name, kernel):
     register(OpDef(name, 2, binary(name, dtypes.DTYPES, out_dtype=dtypes.BOOL),
-                   lambda a: kernel, None, None, doc=f"elementwise {name} (bool result)"))
+                   lambda a: kernel, None, None, doc=f"elementwise comparison a {CMP_SYMBOL[name]} b (bool result)"))
 
 
 for _n, _k in [("lt", np.less), ("le", np.less_equal), ("gt", np.greater),

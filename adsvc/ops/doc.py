@@ -1,0 +1,36 @@
+"""Render the op table as Markdown (protos/README.md embeds it; a test keeps it in sync).
+
+    python -m adsvc.ops.doc
+"""
+
+from __future__ import annotations
+
+from adsvc.ops.registry import OPS, REQUIRED
+
+
+def _attr(name, spec) -> str:
+    if spec.default is REQUIRED:
+        return f"`{name}`: {spec.kind}"
+    if spec.default is None:
+        return f"`{name}`: {spec.kind}, optional"
+    return f"`{name}`: {spec.kind} = {spec.default!r}"
+
+
+def op_table_markdown() -> str:
+    lines = ["| op | operands | attributes | differentiable | meaning |",
+             "|---|---|---|---|---|"]
+    for name in sorted(OPS):
+        d = OPS[name]
+        arity = "1+" if d.arity is None else str(d.arity)
+        attrs = "; ".join(_attr(k, s) for k, s in d.attrs.items()) or "-"
+        diff = "yes" if d.vjp is not None and name not in ("constant", "sign") else "no"
+        if name in ("stop_gradient", "sign"):
+            diff = "zero"
+        lines.append(f"| `{name}` | {arity} | {attrs} | {diff} | {d.doc} |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    import adsvc  # noqa: F401  (registers the op table)
+
+    print(op_table_markdown())
