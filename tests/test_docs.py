@@ -2,7 +2,7 @@
 
 from pathlib import Path
 
-import adsvc  # noqa: F401
+import adsvc
 from adsvc.ops.doc import op_table_markdown
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -14,3 +14,18 @@ def test_protos_readme_lists_the_op_table():
     end = text.index("\n<!-- end op table -->")
     assert text[start:end] == op_table_markdown(), \
         "protos/README.md is out of date: paste the output of `python -m adsvc.ops.doc`"
+
+
+def test_hand_written_json_example_in_protos_readme_works():
+    from google.protobuf import json_format
+
+    from adsvc.ir.codec import graph_from_proto
+    from adsvc_client.proto import ir_pb2
+
+    text = (ROOT / "protos" / "README.md").read_text()
+    block = text.split("```json\n", 1)[1].split("```", 1)[0]
+    g = graph_from_proto(json_format.Parse(block, ir_pb2.Graph()))
+    c = adsvc.local()
+    assert c.evaluate(g, x=3.0, y=4.0) == {"z": 23.0}
+    for mode in ("reverse", "forward"):
+        assert c.grad(g, mode=mode, x=3.0, y=4.0) == {"x": 10.0, "y": 3.0}
