@@ -75,9 +75,11 @@ def _stop_event() -> threading.Event:
 
 
 def _serve_one(address: str, config: ServerConfig, announce: bool,
-               stop: threading.Event | None = None) -> int:
+               stop: threading.Event | None = None, ready=None) -> int:
     server, port = create_server(address, config)
     server.start()
+    if ready is not None:
+        ready.set()
     host = address.rsplit(":", 1)[0]
     if announce:
         print(f"adsvc serving on {host}:{port} (pid {os.getpid()})", flush=True)
@@ -111,9 +113,17 @@ def _reserve_port(host: str, port: int):
         sock.close()
 
 
-def _worker_main(address: str, config: ServerConfig) -> None:
+def _worker_main(address: str, config: ServerConfig, ready) -> None:
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
-    sys.exit(_serve_one(address, config, announce=False))
+    sys.exit(_serve_one(address, config, announce=False, ready=ready))
+
+
+def _stop_workers(procs) -> None:
+    for p in procs:
+        if p.is_alive():
+            os.kill(p.pid, signal.SIGTERM)
+    for p in procs:
+        p.join()
 
 
 def serve(host: str = "127.0.0.1", port: int = 50051, config: ServerConfig | None = None,
@@ -129,21 +139,23 @@ def serve(host: str = "127.0.0.1", port: int = 50051, config: ServerConfig | Non
     with _reserve_port(host, port) as bound:
         address = join_host_port(host, bound)
         ctx = multiprocessing.get_context("fork")
-        procs = [ctx.Process(target=_worker_main, args=(address, config), daemon=False)
-                 for _ in range(workers)]
+        ready = [ctx.Event() for _ in range(workers)]
+        procs = [ctx.Process(target=_worker_main, args=(address, config, r), daemon=False)
+                 for r in ready]
         for p in procs:
             p.start()
+        for p, r in zip(procs, ready):  # announce only once every worker listens
+            while not r.wait(0.5):
+                if not p.is_alive():
+                    _stop_workers(procs)
+                    raise RuntimeError(f"worker {p.pid} exited with code {p.exitcode}")
         print(f"adsvc serving on {address} (workers {workers}, pids "
               f"{' '.join(str(p.pid) for p in procs)})", flush=True)
         stop = stop or _stop_event()
         while not stop.wait(0.5):
             if all(not p.is_alive() for p in procs):
                 break
-        for p in procs:
-            if p.is_alive():
-                os.kill(p.pid, signal.SIGTERM)
-        for p in procs:
-            p.join()
+        _stop_workers(procs)
     return 0 if all(p.exitcode == 0 for p in procs) else 1
 
 
