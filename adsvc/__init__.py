@@ -6,20 +6,67 @@
     c.value_and_grad(g, x=3.0, y=4.0)     # (23.0, {"x": 10.0, "y": 3.0})
 """
 
+from adsvc import errors
 from adsvc import ops as _ops  # noqa: F401  (registers the op table)
 from adsvc.ir.graph import Graph
 from adsvc.ir.node import Node, constant
 from adsvc.local import LocalClient, local
 from adsvc.ops.api import (  # noqa: F401
-    abs, add, broadcast_to, cast, concat, cos, div, dot, eq, exp, expm1, ge, gt, le, log,
-    log1p, log_softmax, logsumexp, lt, matmul, max, maximum, mean, min, minimum, mul, ne,
-    neg, norm, pad, pow, reciprocal, relu, reshape, scatter_add, sigmoid, sign, sin, slice,
-    softmax, softplus, sqrt, square, squared_norm, stop_gradient, sub, sum, take, tan, tanh,
-    transpose, where,
+    abs,
+    add,
+    broadcast_to,
+    cast,
+    concat,
+    cos,
+    div,
+    dot,
+    eq,
+    exp,
+    expm1,
+    ge,
+    gt,
+    le,
+    log,
+    log1p,
+    log_softmax,
+    logsumexp,
+    lt,
+    matmul,
+    max,
+    maximum,
+    mean,
+    min,
+    minimum,
+    mul,
+    ne,
+    neg,
+    norm,
+    pad,
+    pow,
+    reciprocal,
+    relu,
+    reshape,
+    scatter_add,
+    sigmoid,
+    sign,
+    sin,
+    slice,
+    softmax,
+    softplus,
+    sqrt,
+    square,
+    squared_norm,
+    stop_gradient,
+    sub,
+    sum,
+    take,
+    tan,
+    tanh,
+    transpose,
+    where,
 )
 from adsvc.passes.pipeline import differentiate
 from adsvc.tracer import Spec, boolean, f32, f64, i32, i64, trace
-from adsvc import errors
 from adsvc_client.errors import AdsvcError
 
 __version__ = "0.1.0"

@@ -8,8 +8,8 @@ The function is called once with input nodes; operators and the functions of
 from __future__ import annotations
 
 import inspect
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 from adsvc.ir.graph import Graph
 from adsvc.ir.node import Node, input_node

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
+from functools import partial
 
 import numpy as np
 
@@ -37,6 +38,11 @@ def random_scalar_graph(n_nodes: int, n_inputs: int, seed: int = 0):
     return ad.trace(fn, **{n: ad.f64() for n in names}), names
 
 
+def run_all(plan, runs):
+    for feeds in runs:
+        plan.run(feeds)
+
+
 def median_time(fn, repeat):
     ts = []
     for _ in range(repeat):
@@ -52,22 +58,16 @@ def report(label, g, feeds, repeat):
     t_eval = median_time(lambda: plan.run(feeds), repeat)
     print(f"{label}: {n} nodes; evaluate f: {t_eval * 1e3:.2f} ms")
     for mode in ("reverse", "forward"):
-        seed = mode == "reverse"
-        t_diff = median_time(lambda: compile_graph(g, (mode,), None, seed), repeat)
-        d = compile_graph(g, (mode,), None, seed)
-        dplan = Plan(d)
+        modes, seed = (mode,), mode == "reverse"
+        t_diff = median_time(partial(compile_graph, g, modes, None, seed), repeat)
+        d = compile_graph(g, modes, None, seed)
         if mode == "reverse":
-            t_grad = median_time(lambda: dplan.run(feeds), repeat)
-            note = "1 sweep"
-        else:
-            wrt = [k for k in feeds]
-            zero = {f"tangent:{k}": 0.0 for k in wrt}
-
-            def all_dirs():
-                for k in wrt:
-                    dplan.run({**feeds, **zero, f"tangent:{k}": 1.0})
-            t_grad = median_time(all_dirs, repeat)
-            note = f"{len(wrt)} sweeps"
+            runs = [feeds]
+        else:  # one sweep per input direction
+            zero = {f"tangent:{k}": 0.0 for k in feeds}
+            runs = [{**feeds, **zero, f"tangent:{k}": 1.0} for k in feeds]
+        t_grad = median_time(partial(run_all, Plan(d), runs), repeat)
+        note = f"{len(runs)} sweep(s)"
         print(f"  {mode:8s}: differentiate {t_diff * 1e3:8.2f} ms -> {len(d.nodes)} nodes; "
               f"gradient evaluation {t_grad * 1e3:8.2f} ms ({note}; "
               f"{t_grad / t_eval:.1f}x f)")

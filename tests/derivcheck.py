@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import numpy as np
 
-import adsvc as ad
-
 H = 1e-6
 
 

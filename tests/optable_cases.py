@@ -6,8 +6,8 @@ fails if an op of the table has no case here (so a new op cannot skip its tests)
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import numpy as np
 

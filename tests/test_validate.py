@@ -5,9 +5,19 @@ import pytest
 
 import adsvc as ad
 from adsvc.errors import (
-    ArityError, AttributeError_, CycleError, DTypeError, DuplicateIdError, EvaluationError,
-    ForwardReferenceError, InputError, InvalidGraphError, ShapeError, UndefinedReferenceError,
-    UnknownOpError, VersionError,
+    ArityError,
+    AttributeError_,
+    CycleError,
+    DTypeError,
+    DuplicateIdError,
+    EvaluationError,
+    ForwardReferenceError,
+    InputError,
+    InvalidGraphError,
+    ShapeError,
+    UndefinedReferenceError,
+    UnknownOpError,
+    VersionError,
 )
 from adsvc.ir.codec import graph_from_proto, graph_to_proto
 from adsvc_client.proto import ir_pb2

@@ -9,7 +9,12 @@ from __future__ import annotations
 
 from adsvc.ir.graph import Graph
 from adsvc.passes.validate import (
-    IR_VERSION, OPSET_VERSION, WireGraph, WireInput, WireNode, build_graph,
+    IR_VERSION,
+    OPSET_VERSION,
+    WireGraph,
+    WireInput,
+    WireNode,
+    build_graph,
 )
 from adsvc_client.errors import AttributeError_, InvalidGraphError
 from adsvc_client.proto import ir_pb2

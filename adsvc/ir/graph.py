@@ -70,4 +70,5 @@ class Graph:
         return graph_to_proto(self)
 
     def __repr__(self) -> str:
-        return f"<Graph {self.name or ''} {len(self.nodes)} nodes, inputs={self.input_names}, outputs={self.output_names}>"
+        return (f"<Graph {self.name} {len(self.nodes)} nodes, inputs={self.input_names}, "
+                f"outputs={self.output_names}>")

@@ -19,7 +19,7 @@ from adsvc_client import dtypes
 
 Attrs = tuple[tuple[str, Any], ...]
 
-_TABLE: "weakref.WeakValueDictionary[tuple, Node]" = weakref.WeakValueDictionary()
+_TABLE: weakref.WeakValueDictionary[tuple, Node] = weakref.WeakValueDictionary()
 _LOCK = threading.Lock()
 
 

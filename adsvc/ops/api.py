@@ -6,7 +6,7 @@ Python numbers are lifted to constants of the other operand's dtype.
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 
@@ -42,7 +42,7 @@ def tanh(x): return make("tanh", (lift(x),))
 def sigmoid(x): return make("sigmoid", (lift(x),))
 def softplus(x): return make("softplus", (lift(x),))
 def sqrt(x): return make("sqrt", (lift(x),))
-def abs(x): return make("abs", (lift(x),))  # noqa: A001
+def abs(x): return make("abs", (lift(x),))
 def sign(x): return make("sign", (lift(x),))
 def square(x): return make("square", (lift(x),))
 def reciprocal(x): return make("reciprocal", (lift(x),))
@@ -53,7 +53,7 @@ def add(a, b): return _bin("add", a, b)
 def sub(a, b): return _bin("sub", a, b)
 def mul(a, b): return _bin("mul", a, b)
 def div(a, b): return _bin("div", a, b)
-def pow(a, b): return _bin("pow", a, b)  # noqa: A001
+def pow(a, b): return _bin("pow", a, b)
 def maximum(a, b): return _bin("maximum", a, b)
 def minimum(a, b): return _bin("minimum", a, b)
 def lt(a, b): return _bin("lt", a, b)
@@ -80,10 +80,10 @@ def _red(op, x, axes, keepdims):
     return make(op, (lift(x),), attrs)
 
 
-def sum(x, axes=None, keepdims=False): return _red("sum", x, axes, keepdims)  # noqa: A001
+def sum(x, axes=None, keepdims=False): return _red("sum", x, axes, keepdims)
 def mean(x, axes=None, keepdims=False): return _red("mean", x, axes, keepdims)
-def max(x, axes=None, keepdims=False): return _red("max", x, axes, keepdims)  # noqa: A001
-def min(x, axes=None, keepdims=False): return _red("min", x, axes, keepdims)  # noqa: A001
+def max(x, axes=None, keepdims=False): return _red("max", x, axes, keepdims)
+def min(x, axes=None, keepdims=False): return _red("min", x, axes, keepdims)
 def logsumexp(x, axes=None, keepdims=False): return _red("logsumexp", x, axes, keepdims)
 
 
@@ -109,7 +109,7 @@ def concat(xs: Sequence, axis: int = 0) -> Node:
     return make("concat", tuple(lift(x) for x in xs), {"axis": axis})
 
 
-def slice(x, starts, stops, steps=None) -> Node:  # noqa: A001
+def slice(x, starts, stops, steps=None) -> Node:
     attrs = {"starts": tuple(starts), "stops": tuple(stops)}
     if steps is not None:
         attrs["steps"] = tuple(steps)

@@ -175,7 +175,8 @@ CMP_SYMBOL = {"lt": "<", "le": "<=", "gt": ">", "ge": ">=", "eq": "==", "ne": "!
 
 def _cmp(name, kernel):
     register(OpDef(name, 2, binary(name, dtypes.DTYPES, out_dtype=dtypes.BOOL),
-                   lambda a: kernel, None, None, doc=f"elementwise comparison a {CMP_SYMBOL[name]} b (bool result)"))
+                   lambda a: kernel, None, None,
+                   doc=f"elementwise comparison a {CMP_SYMBOL[name]} b (bool result)"))
 
 
 for _n, _k in [("lt", np.less), ("le", np.less_equal), ("gt", np.greater),

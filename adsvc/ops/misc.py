@@ -22,6 +22,10 @@ register(OpDef(
     doc="identity whose derivative is zero (cuts the gradient path)"))
 
 
+def _cast_kernel(dt):
+    return lambda x: np.asarray(x).astype(dt)
+
+
 def _cast_jvp(node, ts):
     t, = ts
     if t is None or not dtypes.is_float(node.dtype):
@@ -36,6 +40,6 @@ def _cast_vjp(node, ct):
 
 register(OpDef(
     "cast", 1, lambda ins, a: (a["dtype"], ins[0].shape),
-    lambda a: (lambda x, dt=dtypes.to_numpy(a["dtype"]): np.asarray(x).astype(dt)),
+    lambda a: _cast_kernel(dtypes.to_numpy(a["dtype"])),
     _cast_jvp, _cast_vjp, {"dtype": Attr("dtype", doc="target dtype")},
     doc="convert dtype; derivative passes between float types only"))

@@ -9,8 +9,9 @@ op-table-driven tests then pick it up.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 from adsvc_client import dtypes
 from adsvc_client.errors import ArityError, AttributeError_, UnknownOpError

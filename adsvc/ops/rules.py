@@ -29,7 +29,8 @@ def same_dtype(op: str, nodes, allowed=dtypes.DTYPES) -> str:
         raise DTypeError(f"op {op!r}: operand dtypes differ ({_desc(nodes)}); use cast")
     dt = dts.pop()
     if dt not in allowed:
-        raise DTypeError(f"op {op!r}: dtype {dt} not supported (allowed: {', '.join(sorted(allowed))})")
+        raise DTypeError(f"op {op!r}: dtype {dt} not supported "
+                         f"(allowed: {', '.join(sorted(allowed))})")
     return dt
 
 

@@ -19,8 +19,17 @@ from adsvc.ir.node import Node, constant, input_node, make
 from adsvc.ops.registry import OPS
 from adsvc_client import dtypes
 from adsvc_client.errors import (
-    AdsvcError, ArityError, CycleError, DTypeError, DuplicateIdError, ForwardReferenceError,
-    InvalidGraphError, ShapeError, UndefinedReferenceError, UnknownOpError, VersionError,
+    AdsvcError,
+    ArityError,
+    CycleError,
+    DTypeError,
+    DuplicateIdError,
+    ForwardReferenceError,
+    InvalidGraphError,
+    ShapeError,
+    UndefinedReferenceError,
+    UnknownOpError,
+    VersionError,
 )
 
 IR_VERSION = 1
@@ -115,7 +124,7 @@ def build_graph(wire: WireGraph, max_nodes: int | None = None) -> Graph:
     for i, n in enumerate(wire.nodes):
         where = f"nodes[id={n.id}]"
 
-        def fail(cls, msg, **kw):
+        def fail(cls, msg, n=n, where=where, i=i, **kw):
             return cls(f"node %{n.id} ({n.op}): {msg}", field=where,
                        context=_context(wire, i), **kw)
 

@@ -8,7 +8,7 @@ so peak memory follows what is live rather than the whole graph.
 
 from __future__ import annotations
 
-from typing import Callable, Mapping
+from collections.abc import Callable, Mapping
 
 import numpy as np
 

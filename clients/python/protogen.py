@@ -6,8 +6,8 @@ from pathlib import Path
 
 def generate(proto_root: Path, out_dir: Path) -> None:
     """Compile every .proto under proto_root/adsvc/v1 into out_dir with relative imports."""
-    from grpc_tools import protoc  # build dependency, pinned in pyproject.toml
     import grpc_tools
+    from grpc_tools import protoc  # build dependency, pinned in pyproject.toml
 
     protos = sorted((proto_root / "adsvc" / "v1").glob("*.proto"))
     if not protos:

@@ -11,8 +11,9 @@ adds are documented in protos/README.md: ``tangent:x``, ``cotangent:z``,
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 
