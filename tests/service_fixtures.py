@@ -13,10 +13,10 @@ import threading
 from pathlib import Path
 
 import grpc
-from adsvc_client.proto import ir_pb2, service_pb2_grpc
 
 from adsvc.server.app import create_server
 from adsvc.server.config import ServerConfig
+from adsvc_client.proto import ir_pb2, service_pb2_grpc
 
 ROOT = Path(__file__).resolve().parent.parent
 F64 = ir_pb2.DTYPE_FLOAT64

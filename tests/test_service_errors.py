@@ -5,9 +5,6 @@ and a server that keeps answering afterwards."""
 import grpc
 import numpy as np
 import pytest
-from adsvc_client.proto import ir_pb2
-from adsvc_client.proto import service_pb2 as S
-from adsvc_client.tensors import from_tensor, to_tensor
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 from service_fixtures import channel, hand_graph, running_server, seed_graph, stub
@@ -31,6 +28,9 @@ from adsvc.errors import (
     VersionError,
 )
 from adsvc.server.config import ServerConfig
+from adsvc_client.proto import ir_pb2
+from adsvc_client.proto import service_pb2 as S
+from adsvc_client.tensors import from_tensor, to_tensor
 
 INVALID, EXHAUSTED = grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.RESOURCE_EXHAUSTED
 LIMITS = ServerConfig(max_nodes=50, max_tensor_elements=1000, max_message_bytes=256 * 1024,

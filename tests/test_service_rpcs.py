@@ -4,8 +4,6 @@ the SDK (adsvc.connect) agreeing with the local client."""
 import grpc
 import numpy as np
 import pytest
-from adsvc_client.proto import service_pb2 as S
-from adsvc_client.tensors import from_tensor, to_tensor
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from service_fixtures import channel, running_server, seed_graph, stub
@@ -14,6 +12,8 @@ import adsvc
 from adsvc.ops.registry import OPS
 from adsvc.passes.validate import IR_VERSION, OPSET_VERSION
 from adsvc.server.config import ServerConfig
+from adsvc_client.proto import service_pb2 as S
+from adsvc_client.tensors import from_tensor, to_tensor
 
 XY = {"x": to_tensor(3.0), "y": to_tensor(4.0)}
 

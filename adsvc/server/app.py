@@ -16,31 +16,33 @@ from concurrent import futures
 from dataclasses import fields
 
 import grpc
-from adsvc_client.proto import service_pb2, service_pb2_grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from adsvc.server.config import ServerConfig
 from adsvc.server.service import AutodiffServicer
+from adsvc_client.proto import service_pb2, service_pb2_grpc
 
 log = logging.getLogger("adsvc.server")
 SERVICE_NAME = service_pb2.DESCRIPTOR.services_by_name["AutodiffService"].full_name
 
 
-def create_server(address: str = "127.0.0.1:0",
-                  config: ServerConfig | None = None) -> tuple[grpc.Server, int]:
+def create_server(address: str = "127.0.0.1:0", config: ServerConfig | None = None,
+                  reuse_port: bool = False) -> tuple[grpc.Server, int]:
     """A synchronous gRPC server (thread pool: CPU-bound work stays off any event loop)
     with the adsvc service, health and reflection, bound to `address` but not started.
 
     The servicer and the health servicer are reachable as `server.adsvc_servicer` and
-    `server.adsvc_health`. Raises OSError if the address cannot be bound.
+    `server.adsvc_health`. Raises OSError if the address cannot be bound. `reuse_port`
+    (SO_REUSEPORT) lets several worker processes share the port; off by default so that
+    a port already in use is an error rather than a silently shared port.
     """
     config = config or ServerConfig()
     size = config.max_message_bytes or -1
     options = [
         ("grpc.max_receive_message_length", size),
         ("grpc.max_send_message_length", size),
-        ("grpc.so_reuseport", 1),
+        ("grpc.so_reuseport", int(reuse_port)),
     ]
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=config.threads,
                                                     thread_name_prefix="adsvc-rpc"),
@@ -53,7 +55,10 @@ def create_server(address: str = "127.0.0.1:0",
         health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
     reflection.enable_server_reflection(
         (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
-    port = server.add_insecure_port(address)
+    try:
+        port = server.add_insecure_port(address)
+    except RuntimeError as e:
+        raise OSError(f"could not bind {address}: {e}") from None
     if not port:
         raise OSError(f"could not bind {address}")
     server.adsvc_servicer = servicer
@@ -76,7 +81,7 @@ def _stop_event() -> threading.Event:
 
 def _serve_one(address: str, config: ServerConfig, announce: bool,
                stop: threading.Event | None = None, ready=None) -> int:
-    server, port = create_server(address, config)
+    server, port = create_server(address, config, reuse_port=ready is not None)
     server.start()
     if ready is not None:
         ready.set()

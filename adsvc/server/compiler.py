@@ -9,13 +9,6 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
 import numpy as np
-from adsvc_client.errors import (
-    HandleNotFoundError,
-    InvalidRequestError,
-    LimitExceededError,
-)
-from adsvc_client.proto import ir_pb2, service_pb2
-from adsvc_client.tensors import from_tensor, to_tensor
 
 from adsvc.ir.codec import graph_from_proto, graph_to_proto
 from adsvc.ir.graph import Graph
@@ -23,6 +16,13 @@ from adsvc.local import compile_graph, signature
 from adsvc.runtime.plan import Plan
 from adsvc.server.cache import LRUCache
 from adsvc.server.config import ServerConfig
+from adsvc_client.errors import (
+    HandleNotFoundError,
+    InvalidRequestError,
+    LimitExceededError,
+)
+from adsvc_client.proto import ir_pb2, service_pb2
+from adsvc_client.tensors import from_tensor, to_tensor
 
 MODE_NAMES = {service_pb2.MODE_FORWARD: "forward", service_pb2.MODE_REVERSE: "reverse"}
 

@@ -16,16 +16,6 @@ import uuid
 from collections import namedtuple
 
 import grpc
-from adsvc_client.errors import (
-    AdsvcError,
-    CancelledError,
-    DeadlineExceededError,
-    InvalidRequestError,
-    LimitExceededError,
-    UnauthenticatedError,
-)
-from adsvc_client.proto import ir_pb2, service_pb2, service_pb2_grpc
-from adsvc_client.tensors import TO_ENUM, to_tensor
 
 from adsvc.server import errors as status_table
 from adsvc.server.compiler import (
@@ -39,6 +29,16 @@ from adsvc.server.compiler import (
 from adsvc.server.config import ServerConfig
 from adsvc.server.gradient import value_and_grad
 from adsvc.server.info import server_info
+from adsvc_client.errors import (
+    AdsvcError,
+    CancelledError,
+    DeadlineExceededError,
+    InvalidRequestError,
+    LimitExceededError,
+    UnauthenticatedError,
+)
+from adsvc_client.proto import ir_pb2, service_pb2, service_pb2_grpc
+from adsvc_client.tensors import TO_ENUM, to_tensor
 
 log = logging.getLogger("adsvc.server")
 REQUEST_ID = "x-request-id"

@@ -12,7 +12,7 @@ from setuptools.command.build_py import build_py
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from protogen import generate
+from protogen import generate  # noqa: E402
 
 PROTOS = HERE.parent.parent / "protos"
 
