@@ -29,3 +29,21 @@ def test_hand_written_json_example_in_protos_readme_works():
     assert c.evaluate(g, x=3.0, y=4.0) == {"z": 23.0}
     for mode in ("reverse", "forward"):
         assert c.grad(g, mode=mode, x=3.0, y=4.0) == {"x": 10.0, "y": 3.0}
+
+
+def test_readme_python_example_runs_and_its_comments_are_true():
+    import numpy as np
+
+    text = (ROOT / "README.md").read_text()
+    block = text.split("```python\n", 1)[1].split("```", 1)[0]
+    scope: dict = {}
+    exec(compile(block, "README.md", "exec"), scope)  # the README's own example
+    c, g = scope["c"], scope["g"]
+    assert c.evaluate(g, x=3.0, y=4.0) == {"out": 23.0}
+    assert c.hessian(g, x=3.0, y=4.0) == {"x": {"x": 2, "y": 1}, "y": {"x": 1, "y": 0}}
+    out, tan = c.jvp(g, {"x": 3.0, "y": 4.0}, {"x": 1.0})
+    assert out == {"out": 23.0} and tan == {"out": 10.0}
+    out, grads = c.vjp(g, {"x": 3.0, "y": 4.0}, {"out": 1.0})
+    assert grads == {"x": 10.0, "y": 3.0}
+    assert {k: {i: float(np.asarray(v)) for i, v in row.items()}
+            for k, row in c.jacobian(g, x=3.0, y=4.0).items()} == {"out": {"x": 10.0, "y": 3.0}}
