@@ -1,0 +1,539 @@
+"""The `adsvc` command line (also `python -m adsvc`).
+
+    adsvc grad 'x*x + x*y + 2' --at x=3 --at y=4        # value: 23 / gradient: x = 10, y = 3
+    adsvc eval 'sin(x)*exp(y)' --at x=1 --at y=0 --json
+    adsvc show 'x*x + x*y + 2' --mode reverse            # text IR of the gradient graph
+    adsvc export 'x*x + x*y + 2' -o graph.json           # a graph file (.json or .pb)
+    adsvc serve --port 50051
+
+EXPR is a safe infix expression (see adsvc.expr) or the path of a graph file (.pb binary
+Graph proto, .json protobuf-JSON). Without --server everything runs in this process.
+Every failure prints one line `adsvc: error: ...` to stderr; the exit status is 2 for a
+bad command line or expression and 1 for a failure while compiling, evaluating or
+talking to a server.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import math
+import os
+import re
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+USAGE_ERROR = 2
+RUN_ERROR = 1
+
+_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_.\-/]*$")
+_OPTION_LIKE = re.compile(r"^--?[A-Za-z][A-Za-z0-9_-]*(=.*)?$")
+_NUMBER = re.compile(r"^-\d+$|^-\d*\.\d+$")
+
+
+class CLIError(Exception):
+    """A one-line error for the user; `code` is the exit status."""
+
+    def __init__(self, message: str, code: int = USAGE_ERROR):
+        super().__init__(message)
+        self.code = code
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but errors are one line (raised, so main() reports them)."""
+
+    def error(self, message: str):
+        raise CLIError(f"{message} (see '{self.prog} --help')")
+
+
+def _minus_hint(argv: Sequence[str]) -> str:
+    """A hint when an expression such as '-x' was taken for an option."""
+    bad = [a for a in argv if re.match(r"^-[A-Za-z_]\w*$", a) and a not in ("-h", "-o")]
+    if not bad:
+        return ""
+    return (f" (to pass the expression {bad[0]!r}, which starts with '-', write it "
+            f"with parentheses or a leading space: '({bad[0]})' or ' {bad[0]}')")
+
+
+# -- values ------------------------------------------------------------------------------
+def parse_at(items: Sequence[str] | None) -> dict[str, np.ndarray]:
+    """{name: value} from `--at NAME=VALUE` items (a number, or a JSON list of numbers)."""
+    out: dict[str, np.ndarray] = {}
+    for item in items or ():
+        name, sep, text = item.partition("=")
+        name, text = name.strip(), text.strip()
+        if not sep or not name:
+            raise CLIError(f"bad --at {item!r}: expected NAME=VALUE, e.g. --at x=3 "
+                           f"or --at x=[1,2,3]")
+        if not _NAME.match(name):
+            raise CLIError(f"bad --at {item!r}: {name!r} is not a variable name")
+        if name in out:
+            raise CLIError(f"--at {name} is given twice")
+        if not text:
+            raise CLIError(f"bad --at {item!r}: no value after '='")
+        out[name] = _parse_value(name, text)
+    return out
+
+
+def _parse_value(name: str, text: str) -> np.ndarray:
+    low = text.lower()
+    if low in ("true", "false"):
+        return np.asarray(low == "true")
+    if text.startswith("["):
+        try:
+            data = json.loads(text)
+        except (json.JSONDecodeError, RecursionError) as e:
+            msg = getattr(e, "msg", "too deeply nested")
+            raise CLIError(f"bad --at {name}={text}: not a JSON list of numbers ({msg})"
+                           ) from None
+        try:
+            arr = np.asarray(data, dtype=np.float64)
+        except (ValueError, TypeError):
+            raise CLIError(f"bad --at {name}={text}: expected a (nested, rectangular) "
+                           f"list of numbers") from None
+        return arr
+    try:
+        return np.asarray(float(text), dtype=np.float64)
+    except ValueError:
+        raise CLIError(f"bad --at {name}={text}: not a number (use e.g. 3, -1.5, 1e-3 "
+                       f"or a list [1,2,3])") from None
+
+
+def _feed(name: str, value: np.ndarray, dtype: str, shape: tuple[int, ...]) -> np.ndarray:
+    """`value` converted to an input's declared dtype, refusing lossy conversions."""
+    from adsvc_client import dtypes
+
+    np_dtype = np.dtype(dtypes.to_numpy(dtype))
+    if value.dtype == np_dtype:
+        return value
+    with np.errstate(all="ignore"):
+        cast = value.astype(np_dtype)
+        if np_dtype.kind != "f" and not np.array_equal(cast.astype(np.float64),
+                                                       value.astype(np.float64)):
+            raise CLIError(f"--at {name}: input {name!r} is {dtype}; {_fmt(value)} is not "
+                           f"exactly representable", RUN_ERROR)
+    return cast
+
+
+# -- the graph ---------------------------------------------------------------------------
+@dataclass
+class Loaded:
+    graph: Any  # adsvc.Graph
+    feeds: dict[str, np.ndarray]
+    from_file: bool
+
+
+def load(spec: str, at: dict[str, np.ndarray], need_values: bool) -> Loaded:
+    """The graph of EXPR-or-FILE `spec` and the feeds for its inputs."""
+    from adsvc import graphfile
+    from adsvc.expr import parse
+
+    if graphfile.looks_like_file(spec):
+        g = graphfile.load(spec)
+        names = g.input_names
+        extra = [k for k in at if k not in names]
+        if extra:
+            raise CLIError(f"--at {extra[0]}: {spec} has no input {extra[0]!r} "
+                           f"(inputs: {', '.join(names) or 'none'})")
+        feeds = {n.name: _feed(n.name, at[n.name], n.dtype, n.shape)
+                 for n in g.inputs if n.name in at}
+        _check_missing(g.input_names, at, need_values, spec)
+        return Loaded(g, feeds, True)
+    expr = parse(spec)
+    extra = [k for k in at if k not in expr.variables]
+    if extra:
+        raise CLIError(f"--at {extra[0]}: the expression has no variable {extra[0]!r} "
+                       f"(variables: {', '.join(expr.variables) or 'none'})")
+    _check_missing(expr.variables, at, need_values, "the expression")
+    g = expr.graph({k: v.shape for k, v in at.items()})
+    return Loaded(g, {k: v.astype(np.float64) for k, v in at.items()}, False)
+
+
+def _check_missing(names, at, need_values: bool, what: str):
+    missing = [n for n in names if n not in at]
+    if need_values and missing:
+        s = "s" if len(missing) > 1 else ""
+        raise CLIError(f"no value for {what}'s input{s} {', '.join(map(repr, missing))}: "
+                       f"pass " + " ".join(f"--at {m}=VALUE" for m in missing))
+
+
+def parse_wrt(text: str | None, names: Sequence[str]) -> list[str] | None:
+    if text is None:
+        return None
+    wrt = [w.strip() for w in text.split(",") if w.strip()]
+    if not wrt:
+        raise CLIError("--wrt needs at least one variable name, e.g. --wrt x,y")
+    for w in wrt:
+        if w not in names:
+            raise CLIError(f"--wrt {w}: unknown variable {w!r} "
+                           f"(variables: {', '.join(names) or 'none'})")
+    return wrt
+
+
+def make_client(args):
+    """The in-process client, or a remote one with --server."""
+    import adsvc
+
+    if not getattr(args, "server", None):
+        return adsvc.local()
+    try:
+        return adsvc.connect(args.server)
+    except ImportError as e:
+        raise CLIError(f"--server needs the remote SDK client, which is not available "
+                       f"({e})", RUN_ERROR) from None
+
+
+def _close(client):
+    close = getattr(client, "close", None)
+    if callable(close):
+        with contextlib.suppress(Exception):  # closing must not mask the real result
+            close()
+
+
+def _ir_text(graph) -> str:
+    if hasattr(graph, "text"):
+        return graph.text()
+    from adsvc.ir.codec import graph_from_proto
+
+    return graph_from_proto(graph).text()
+
+
+# -- output ------------------------------------------------------------------------------
+def _fmt(v) -> str:
+    """A value for people: 23 not 23.0, [1, 2.5], nan, inf."""
+    a = np.asarray(v)
+    if a.ndim:
+        return "[" + ", ".join(_fmt(x) for x in a) + "]"
+    x = a.item()
+    if isinstance(x, bool):
+        return "true" if x else "false"
+    if isinstance(x, int):
+        return str(x)
+    x = float(x)
+    if math.isfinite(x) and x.is_integer() and abs(x) < 1e16:
+        return str(int(x))
+    return repr(x)
+
+
+def _jsonable(v):
+    return np.asarray(v).tolist()
+
+
+def _ordered(grads: dict, first: Sequence[str]) -> list[tuple[str, Any]]:
+    keys = [k for k in first if k in grads] + [k for k in grads if k not in first]
+    return [(k, grads[k]) for k in keys]
+
+
+# -- commands ----------------------------------------------------------------------------
+def cmd_grad(args) -> int:
+    at = parse_at(args.at)
+    loaded = load(args.expr, at, need_values=True)
+    names = loaded.graph.input_names
+    wrt = parse_wrt(args.wrt, names)
+    client = make_client(args)
+    try:
+        value, grads = client.value_and_grad(loaded.graph, wrt=wrt, mode=args.mode,
+                                             inputs=loaded.feeds, timeout=args.timeout)
+        ir = None
+        if args.show_ir:
+            ir = _ir_text(client.differentiate(loaded.graph, args.mode, wrt,
+                                               seed=args.mode == "reverse",
+                                               timeout=args.timeout))
+    finally:
+        _close(client)
+    grads = _ordered(grads, wrt or names)
+    if args.json:
+        out: dict[str, Any] = {"value": _jsonable(value),
+                               "gradient": {k: _jsonable(g) for k, g in grads}}
+        if ir is not None:
+            out["ir"] = ir
+        print(json.dumps(out))
+    else:
+        print(f"value: {_fmt(value)}")
+        print("gradient: " + (", ".join(f"{k} = {_fmt(g)}" for k, g in grads) or "(none)"))
+        if ir is not None:
+            print()
+            print(ir.rstrip("\n"))
+    return 0
+
+
+def cmd_eval(args) -> int:
+    at = parse_at(args.at)
+    loaded = load(args.expr, at, need_values=True)
+    client = make_client(args)
+    try:
+        out = client.evaluate(loaded.graph, loaded.feeds, timeout=args.timeout)
+    finally:
+        _close(client)
+    order = [k for k in loaded.graph.output_names if k in out]
+    order += [k for k in out if k not in order]
+    if args.json:
+        doc: dict[str, Any] = {"outputs": {k: _jsonable(out[k]) for k in order}}
+        if len(order) == 1:
+            doc = {"value": doc["outputs"][order[0]], **doc}
+        print(json.dumps(doc))
+    elif len(order) == 1:
+        print(f"value: {_fmt(out[order[0]])}")
+    else:
+        for k in order:
+            print(f"{k}: {_fmt(out[k])}")
+    return 0
+
+
+def _modes(text: str | None, order: int | None) -> tuple[str, ...] | None:
+    if text is None:
+        if order is not None:
+            raise CLIError("--order needs --mode forward|reverse (or a comma list such "
+                           "as reverse,forward)")
+        return None
+    modes = tuple(m.strip() for m in text.split(",") if m.strip())
+    for m in modes:
+        if m not in ("forward", "reverse"):
+            raise CLIError(f"--mode: unknown mode {m!r} (use forward or reverse, or a "
+                           f"comma list such as reverse,forward)")
+    if not modes:
+        raise CLIError("--mode needs forward or reverse")
+    n = order if order is not None else len(modes)
+    if n < 1:
+        raise CLIError(f"--order must be >= 1, got {n}")
+    if len(modes) == 1:
+        modes = modes * n
+    if len(modes) != n:
+        raise CLIError(f"--mode lists {len(modes)} modes but --order is {n}")
+    return modes
+
+
+def _single_scalar_float(graph) -> bool:
+    from adsvc_client import dtypes
+
+    floats = [n for _, n in graph.outputs if dtypes.is_float(n.dtype)]
+    return len(floats) == 1 and floats[0].shape == ()
+
+
+def cmd_show(args) -> int:
+    modes = _modes(args.mode, args.order)
+    at = parse_at(args.at)
+    loaded = load(args.expr, at, need_values=False)
+    if modes is None:
+        if args.wrt is not None:
+            raise CLIError("--wrt needs --mode forward|reverse")
+        print(loaded.graph.text().rstrip("\n"))
+        return 0
+    wrt = parse_wrt(args.wrt, loaded.graph.input_names)
+    seed = modes[0] == "reverse" and _single_scalar_float(loaded.graph)
+    client = make_client(args)
+    try:
+        dg = client.differentiate(loaded.graph, modes, wrt, order=len(modes), seed=seed,
+                                  timeout=args.timeout)
+        print(_ir_text(dg).rstrip("\n"))
+    finally:
+        _close(client)
+    return 0
+
+
+def cmd_export(args) -> int:
+    from adsvc import graphfile
+
+    fmt = graphfile.file_format(args.output)
+    at = parse_at(args.at)
+    loaded = load(args.expr, at, need_values=False)
+    graphfile.save(loaded.graph, args.output)
+    g = loaded.graph
+    print(f"wrote {args.output} ({fmt}: {len(g.inputs)} input(s), {len(g.outputs)} "
+          f"output(s), {len(g.nodes)} nodes)")
+    return 0
+
+
+def cmd_serve(args) -> int:
+    from adsvc.server.app import run_from_args
+
+    rc = run_from_args(args)
+    return int(rc or 0)
+
+
+# -- the parser --------------------------------------------------------------------------
+def _positive(text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not (v > 0 and math.isfinite(v)):
+        raise argparse.ArgumentTypeError(f"must be a positive number of seconds, got {text}")
+    return v
+
+
+def _order(text: str) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {v}")
+    return v
+
+
+EXPR_HELP = ("an infix expression such as 'x*x + x*y + 2' or 'sin(x)*exp(y)', or a graph "
+             "file (.pb binary Graph proto, .json protobuf-JSON)")
+AT_HELP = ("a variable's value: NAME=NUMBER (float64 scalar) or NAME=[1,2,3] (float64 "
+           "array of that shape); repeat for each variable")
+
+
+def _common(p, values: str):
+    p.add_argument("expr", metavar="EXPR", help=EXPR_HELP)
+    p.add_argument("--at", action="append", metavar="NAME=VALUE",
+                   help=AT_HELP if values == "required" else
+                   AT_HELP + " (here only the shapes matter; default scalar)")
+
+
+def _remote(p):
+    p.add_argument("--server", metavar="HOST:PORT",
+                   help="use the adsvc server at HOST:PORT instead of this process")
+    p.add_argument("--timeout", type=_positive, metavar="S",
+                   help="deadline in seconds for each call")
+
+
+def build_parser(argv: Sequence[str] = ()) -> argparse.ArgumentParser:
+    from adsvc import __version__
+
+    parser = _Parser(
+        prog="adsvc",
+        description="Compile expression graphs and compute values and derivatives "
+                    "(in-process, or through an adsvc server).",
+        epilog="Example: adsvc grad 'x*x + x*y + 2' --at x=3 --at y=4")
+    parser.add_argument("--version", action="version", version=f"adsvc {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    p = sub.add_parser("grad", help="value and gradient of a scalar expression or graph",
+                       description="Value and gradient of a graph with one scalar output.")
+    _common(p, "required")
+    p.add_argument("--mode", choices=("forward", "reverse"), default="reverse",
+                   help="differentiation mode (default reverse)")
+    p.add_argument("--wrt", metavar="X,Y", help="differentiate only with respect to these "
+                   "variables (default: all float inputs)")
+    p.add_argument("--json", action="store_true",
+                   help='print {"value": ..., "gradient": {"x": ..., ...}}')
+    p.add_argument("--show-ir", action="store_true",
+                   help="also print the differentiated graph's text IR (with --json: "
+                        "an \"ir\" key)")
+    _remote(p)
+    p.set_defaults(func=cmd_grad)
+
+    p = sub.add_parser("eval", help="evaluate an expression or graph",
+                       description="Evaluate every output of a graph.")
+    _common(p, "required")
+    p.add_argument("--json", action="store_true",
+                   help='print {"value": ... (one output only), "outputs": {name: ...}}')
+    _remote(p)
+    p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("show", help="print the text IR of a graph or of its derivative",
+                       description="Print the text IR of the graph, or with --mode of its "
+                                   "differentiated graph.")
+    _common(p, "shapes")
+    p.add_argument("--mode", metavar="MODE", help="forward or reverse, or one mode per "
+                   "order as a comma list (e.g. reverse,forward for Hessian-vector products)")
+    p.add_argument("--wrt", metavar="X,Y", help="differentiate only with respect to these")
+    p.add_argument("--order", type=_order, metavar="N", help="derivative order (default 1)")
+    _remote(p)
+    p.set_defaults(func=cmd_show)
+
+    p = sub.add_parser("export", help="write an expression (or convert a graph) to a "
+                       "graph file", description="Write the graph to a .json or .pb file.")
+    _common(p, "shapes")
+    p.add_argument("-o", "--output", required=True, metavar="FILE",
+                   help="the graph file to write: .json (protobuf-JSON) or .pb (binary)")
+    p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("serve", help="run the adsvc gRPC server",
+                       description="Run the adsvc gRPC server.")
+    if list(argv[:1]) == ["serve"]:  # import the server (and grpc) only when needed
+        try:
+            from adsvc.server.app import add_serve_arguments
+        except ImportError as e:
+            raise CLIError(f"the server is not available in this installation "
+                           f"(adsvc.server.app: {e})") from None
+        add_serve_arguments(p)
+        p.set_defaults(func=cmd_serve)
+    return parser
+
+
+def _protect_expressions(argv: list[str]) -> list[str]:
+    """Keep argparse from reading an expression like '-x*y' as an option: tokens that
+    start with '-' but cannot be an option or a negative number get a leading space
+    (the expression parser ignores it)."""
+    out = []
+    for a in argv:
+        if (len(a) > 1 and a.startswith("-") and a != "--" and not _OPTION_LIKE.match(a)
+                and not _NUMBER.match(a)):
+            a = " " + a
+        out.append(a)
+    return out
+
+
+def _one_line(text: str) -> str:
+    first = str(text).strip().splitlines()
+    return " ".join(first[0].split()) if first else ""
+
+
+def describe(e: BaseException) -> tuple[str, int]:
+    """A one-line message and exit status for an exception raised by a command."""
+    from adsvc.expr import ExprError
+    from adsvc.graphfile import GraphFileError
+    from adsvc_client.errors import AdsvcError
+
+    if isinstance(e, CLIError):
+        return str(e), e.code
+    if isinstance(e, ExprError):
+        return f"bad expression: {e}", USAGE_ERROR
+    if isinstance(e, GraphFileError):
+        return str(e), USAGE_ERROR
+    if isinstance(e, AdsvcError):
+        where = f"{e.field}: " if e.field else ""
+        return f"{type(e).__name__.rstrip('_')}: {where}{_one_line(e.description)}", RUN_ERROR
+    mod = type(e).__module__ or ""
+    if mod.startswith("grpc"):
+        code = getattr(e, "code", lambda: None)()
+        details = getattr(e, "details", lambda: None)()
+        name = getattr(code, "name", "") or "RPC failed"
+        return f"server call failed: {name}: {_one_line(details or e)}", RUN_ERROR
+    if isinstance(e, OSError):
+        return f"{_one_line(e.strerror or e)}", RUN_ERROR
+    return f"internal error: {type(e).__name__}: {_one_line(e)}", RUN_ERROR
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the CLI; returns the exit status (never raises, never prints a traceback)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        parser = build_parser(argv)
+        try:
+            args = parser.parse_args(_protect_expressions(argv))
+        except CLIError as e:
+            hint = _minus_hint(argv)
+            if hint:
+                raise CLIError(str(e).split(" (see '")[0] + hint) from None
+            raise
+        if not getattr(args, "func", None):
+            parser.print_help(sys.stderr)
+            return USAGE_ERROR
+        return args.func(args)
+    except SystemExit as e:  # --help / --version
+        return e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+    except KeyboardInterrupt:
+        print("adsvc: interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:  # e.g. `adsvc show ... | head`: stop quietly
+        with contextlib.suppress(OSError):
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return RUN_ERROR
+    except Exception as e:
+        if os.environ.get("ADSVC_DEBUG"):
+            raise
+        msg, code = describe(e)
+        print(f"adsvc: error: {msg}", file=sys.stderr)
+        return code
