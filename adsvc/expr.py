@@ -15,12 +15,12 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 import numpy as np
-from adsvc_client import dtypes
-from adsvc_client.errors import AdsvcError
 
 from adsvc.ir.graph import Graph
 from adsvc.ir.node import Node, constant, input_node
 from adsvc.ops import api
+from adsvc_client import dtypes
+from adsvc_client.errors import AdsvcError
 
 MAX_LENGTH = 100_000  # characters; longer text is refused before parsing
 
@@ -85,7 +85,7 @@ def _col(node: ast.AST) -> str:
 def _snippet(text: str, node: ast.AST) -> str:
     try:
         s = ast.get_source_segment(text, node) or ""
-    except Exception:  # noqa: BLE001  (only used to decorate a message)
+    except Exception:
         s = ""
     s = " ".join(s.split())  # keep messages on one line
     return s if len(s) <= 40 else s[:37] + "..."

@@ -9,12 +9,12 @@ from __future__ import annotations
 
 import os
 
-from adsvc_client.proto import ir_pb2
 from google.protobuf import json_format
 from google.protobuf.message import DecodeError
 
 from adsvc.ir.codec import graph_from_proto
 from adsvc.ir.graph import Graph
+from adsvc_client.proto import ir_pb2
 
 EXTENSIONS = (".pb", ".json")
 
