@@ -65,28 +65,14 @@ def read_proto(path: str) -> ir_pb2.Graph:
     return msg
 
 
-def _scalar_constant_dims(msg: ir_pb2.Graph) -> ir_pb2.Graph:
-    """Give scalar constants the dims [] their declared type says.
-
-    Workaround: `adsvc_client.tensors.to_tensor` encodes a 0-d array with dims [1]
-    (np.ascontiguousarray returns at least 1-d), so a graph with a scalar constant
-    does not decode again. Remove once the encoder keeps 0-d shapes.
-    """
-    for n in msg.nodes:
-        if (n.op == "constant" and n.HasField("value") and n.HasField("type")
-                and len(n.type.dims) == 0 and list(n.value.dims) == [1]):
-            del n.value.dims[:]
-    return msg
-
-
 def load(path: str) -> Graph:
     """Read, decode and validate the graph in `path`."""
-    return graph_from_proto(_scalar_constant_dims(read_proto(path)))
+    return graph_from_proto(read_proto(path))
 
 
 def dumps(graph: Graph, fmt: str) -> bytes:
     """The file contents of `graph` in format "pb" or "json"."""
-    msg = _scalar_constant_dims(graph.to_proto())
+    msg = graph.to_proto()
     if fmt == "pb":
         return msg.SerializeToString()
     if fmt == "json":
