@@ -25,11 +25,13 @@ def as_graph(g) -> Graph:
     raise InvalidRequestError(f"expected an adsvc graph or Graph proto, got {type(g).__name__}")
 
 
-def compile_graph(graph: Graph, modes: tuple[str, ...], wrt, seed: bool) -> Graph:
+def compile_graph(graph: Graph, modes: tuple[str, ...], wrt, seed: bool,
+                  check=None) -> Graph:
+    """Simplify (no modes) or differentiate; `check` may raise to stop (deadlines)."""
     if not modes:
-        return simplify(graph)
+        return simplify(graph, check)
     return differentiate(graph, list(modes), None if wrt is None else list(wrt),
-                         order=len(modes), seed=seed)
+                         order=len(modes), seed=seed, check=check)
 
 
 def signature(graph: Graph):
@@ -66,7 +68,7 @@ class LocalClient(ClientBase):
             if hit is not None:
                 self._cache.move_to_end(key)
                 return hit
-        out = compile_graph(graph, modes, wrt, seed)
+        out = compile_graph(graph, modes, wrt, seed, deadline_check(timeout))
         ins, outs = signature(out)
         compiled = Compiled(Plan(out), ins, outs, out)
         with self._lock:

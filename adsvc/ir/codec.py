@@ -15,6 +15,7 @@ from adsvc.passes.validate import (
     WireInput,
     WireNode,
     build_graph,
+    check_node_count,
 )
 from adsvc_client.errors import AttributeError_, InvalidGraphError
 from adsvc_client.proto import ir_pb2
@@ -66,14 +67,16 @@ def graph_to_proto(graph: Graph) -> ir_pb2.Graph:
     return g
 
 
-def proto_to_wire(g: ir_pb2.Graph, max_elements: int | None = None) -> WireGraph:
+def proto_to_wire(g: ir_pb2.Graph, max_elements: int | None = None, check=None) -> WireGraph:
     inputs = []
     for p in g.inputs:
         where = f"inputs[id={p.id}]"
         dt = dtype_from_enum(p.type.dtype, where, InvalidGraphError) if p.type.dtype else None
         inputs.append(WireInput(p.id, p.name, dt, tuple(p.type.dims)))
     nodes = []
-    for p in g.nodes:
+    for i, p in enumerate(g.nodes):
+        if check is not None and i % 256 == 0:
+            check()
         where = f"nodes[id={p.id}]"
         attrs = {k: _attr_from_proto(v, f"{where}.attrs.{k}") for k, v in p.attrs.items()}
         value = (from_tensor(p.value, f"{where}.value", InvalidGraphError, max_elements)
@@ -88,6 +91,9 @@ def proto_to_wire(g: ir_pb2.Graph, max_elements: int | None = None) -> WireGraph
 
 
 def graph_from_proto(g: ir_pb2.Graph, max_nodes: int | None = None,
-                     max_elements: int | None = None) -> Graph:
-    """Decode and validate; raises the validator's typed errors."""
-    return build_graph(proto_to_wire(g, max_elements), max_nodes=max_nodes)
+                     max_elements: int | None = None, check=None) -> Graph:
+    """Decode and validate; raises the validator's typed errors. `check` (optional) is
+    called every few hundred nodes and may raise to stop the work."""
+    check_node_count(len(g.nodes) + len(g.inputs), max_nodes)  # before decoding anything
+    return build_graph(proto_to_wire(g, max_elements, check), max_nodes=max_nodes,
+                       check=check)

@@ -2,6 +2,8 @@
 
 Building a node that already exists returns the existing object (hash-consing), so
 common subexpressions are shared for free and identity comparison means "same value".
+(A node's label is part of its identity, so one caller's labels never show up on
+another caller's graph.)
 A node's dtype and shape are computed by its op's shape rule when it is built, so an
 ill-typed node can never exist.
 """
@@ -89,12 +91,12 @@ def make(op: str, inputs: tuple[Node, ...] | list[Node], attrs: dict | None = No
 
     inputs = tuple(inputs)
     frozen: Attrs = tuple(sorted((k, _freeze(v)) for k, v in (attrs or {}).items()))
-    key = (op, inputs, frozen)
+    key = (op, inputs, frozen, label)  # the label is part of identity: it never leaks
     found = _TABLE.get(key)
     if found is not None:
         return found
     dtype, shape, frozen = check_and_infer(op, inputs, frozen)
-    return _intern((op, inputs, frozen),
+    return _intern((op, inputs, frozen, label),
                    lambda: _new(op, inputs, frozen, dtype, tuple(shape), label=label))
 
 

@@ -9,6 +9,7 @@ op-table-driven tests then pick it up.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -105,4 +106,19 @@ def check_and_infer(op: str, inputs: tuple, attrs: tuple) -> tuple[str, tuple, t
         elif spec.default is not None:
             full[key] = spec.default
     dtype, shape = d.infer(inputs, full)
-    return dtype, tuple(int(s) for s in shape), tuple(sorted(full.items()))
+    shape = tuple(int(s) for s in shape)
+    check_shape(op, shape)
+    return dtype, shape, tuple(sorted(full.items()))
+
+
+MAX_ELEMENTS = 2**62  # beyond this, element counts and byte sizes overflow int64
+
+
+def check_shape(what: str, shape: tuple[int, ...]) -> None:
+    """Every dimension >= 0 and the element count representable (exact Python ints)."""
+    from adsvc_client.errors import ShapeError
+
+    if any(d < 0 for d in shape):
+        raise ShapeError(f"{what}: negative dimension in {list(shape)}")
+    if math.prod(shape) >= MAX_ELEMENTS or any(d >= MAX_ELEMENTS for d in shape):
+        raise ShapeError(f"{what}: shape {list(shape)} has too many elements")

@@ -7,11 +7,45 @@ on it. Only active nodes get tangents or cotangents.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+
 from adsvc.ir.graph import Graph
 from adsvc.ir.node import Node
 from adsvc.ops.registry import OPS
 from adsvc_client import dtypes
-from adsvc_client.errors import InvalidRequestError, NotDifferentiableError
+from adsvc_client.errors import AdsvcError, InvalidRequestError, NotDifferentiableError
+
+CHECK_EVERY = 256  # nodes between calls of a pass's `check` callback (deadlines)
+Checker = Callable[[], None] | None
+
+
+def check_new_names(graph: Graph, inputs: list[str], outputs: list[str]) -> None:
+    """The names a pass adds must not exist yet (a user input called "tangent:x" would
+    otherwise be taken for the tangent of x)."""
+    for name in inputs:
+        if name in graph.input_names:
+            raise InvalidRequestError(
+                f"the graph already has an input named {name!r}, the name differentiation "
+                "gives a new input; rename it", field=f"inputs.{name}")
+    for name in outputs:
+        if name in graph.output_names:
+            raise InvalidRequestError(
+                f"the graph already has an output named {name!r}, the name differentiation "
+                "gives a new output; rename it", field=f"outputs.{name}")
+
+
+@contextmanager
+def naming_node(index: int, node: Node) -> Iterator[None]:
+    """Errors raised by a node's derivative rule name that node (index in Graph.nodes)."""
+    try:
+        yield
+    except AdsvcError as e:
+        if e.field:
+            raise
+        raise type(e)(f"differentiating node %{index} ({node.op} "
+                      f"{node.dtype}{list(node.shape)}): {e.description}",
+                      field=f"nodes[id={index}]", context=e.context) from None
 
 
 def wrt_nodes(graph: Graph, wrt) -> list[Node]:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from adsvc.ir.graph import Graph
-from adsvc.passes.activity import wrt_nodes
+from adsvc.passes.activity import Checker, wrt_nodes
 from adsvc.passes.forward import jvp_graph
 from adsvc.passes.reverse import vjp_graph
 from adsvc.passes.simplify import simplify
@@ -31,12 +31,14 @@ def normalize_modes(mode, order: int) -> list[str]:
 
 
 def differentiate(graph: Graph, mode="reverse", wrt=None, order: int = 1,
-                  seed: bool = False) -> Graph:
+                  seed: bool = False, check: Checker = None) -> Graph:
     """The differentiated graph; see protos/README.md for the names it adds.
 
     Pass 1 differentiates every float output; pass k > 1 differentiates the outputs
     added by pass k-1 (so reverse then forward gives Hessian-vector products). With
     `seed`, a first reverse pass seeds its single scalar output with 1 (plain gradient).
+    `check` (optional) is called every few hundred nodes of every pass and may raise to
+    stop the work (deadlines, cancellation).
     """
     modes = normalize_modes(mode, order)
     wrt_list = wrt_nodes(graph, wrt)
@@ -44,12 +46,13 @@ def differentiate(graph: Graph, mode="reverse", wrt=None, order: int = 1,
         raise InvalidRequestError("nothing to differentiate with respect to: the graph has "
                                   "no float inputs", field="wrt")
     targets = [k for k, n in graph.outputs if dtypes.is_float(n.dtype)]
-    g = simplify(graph)
+    g = simplify(graph, check)
     for k, m in enumerate(modes, start=1):
         tag = "" if k == 1 else str(k)
         if m == "forward":
-            g, targets = jvp_graph(g, wrt_list, targets, tag)
+            g, targets = jvp_graph(g, wrt_list, targets, tag, check)
         else:
-            g, targets = vjp_graph(g, wrt_list, targets, seed=seed and k == 1, tag=tag)
-        g = simplify(g)
+            g, targets = vjp_graph(g, wrt_list, targets, seed=seed and k == 1, tag=tag,
+                                   check=check)
+        g = simplify(g, check)
     return g

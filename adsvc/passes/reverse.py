@@ -13,14 +13,22 @@ from adsvc.ir.graph import Graph
 from adsvc.ir.node import Node, input_node
 from adsvc.ops import api as A
 from adsvc.ops.registry import OPS
-from adsvc.passes.activity import active_nodes
+from adsvc.passes.activity import (
+    CHECK_EVERY,
+    Checker,
+    active_nodes,
+    check_new_names,
+    naming_node,
+)
 from adsvc_client.errors import InvalidRequestError
 
 
 def vjp_graph(graph: Graph, wrt: list[Node], targets: list[str], seed: bool = False,
-              tag: str = "") -> tuple[Graph, list[str]]:
+              tag: str = "", check: Checker = None) -> tuple[Graph, list[str]]:
     """Return (graph with cotangent inputs and gradient outputs, new output names)."""
-    ct_tag, grad_tag = f"cotangent{tag}", f"grad{tag}"
+    in_names = [] if seed else [f"cotangent{tag}:{t}" for t in targets]
+    out_names = [f"grad{tag}:{w.name}" for w in wrt]
+    check_new_names(graph, in_names, out_names)
     target_nodes = [graph.output(t) for t in targets]
     active = active_nodes(graph, wrt, target_nodes)
     ct: dict[int, Node] = {}
@@ -34,20 +42,26 @@ def vjp_graph(graph: Graph, wrt: list[Node], targets: list[str], seed: bool = Fa
         t = target_nodes[0]
         ct[id(t)] = A.full((), 1.0, t.dtype)
     else:
-        for name, t in zip(targets, target_nodes):
-            c = input_node(f"{ct_tag}:{name}", t.dtype, t.shape)
+        for name, t in zip(in_names, target_nodes):
+            c = input_node(name, t.dtype, t.shape)
             new_inputs.append(c)
             ct[id(t)] = A.add_any(ct.get(id(t)), c)
-    for node in reversed(graph.nodes):
+    nodes = graph.nodes
+    for k in range(len(nodes) - 1, -1, -1):
+        node = nodes[k]
         c = ct.get(id(node))
         if c is None or id(node) not in active or not node.inputs:
             continue
-        for inp, ci in zip(node.inputs, OPS[node.op].vjp(node, c)):
-            if ci is not None and id(inp) in active:
-                ct[id(inp)] = A.add_any(ct.get(id(inp)), ci)
+        if check is not None and k % CHECK_EVERY == 0:
+            check()
+        with naming_node(k, node):
+            in_cts = OPS[node.op].vjp(node, c)
+            for inp, ci in zip(node.inputs, in_cts):
+                if ci is not None and id(inp) in active:
+                    ct[id(inp)] = A.add_any(ct.get(id(inp)), ci)
     new = []
-    for w in wrt:
+    for name, w in zip(out_names, wrt):
         g = ct.get(id(w))
-        new.append((f"{grad_tag}:{w.name}", A.zeros_like(w) if g is None else g))
+        new.append((name, A.zeros_like(w) if g is None else g))
     out = Graph(list(graph.inputs) + new_inputs, list(graph.outputs) + new, graph.name)
-    return out, [n for n, _ in new]
+    return out, out_names

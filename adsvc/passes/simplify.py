@@ -14,6 +14,7 @@ from adsvc.ir.graph import Graph
 from adsvc.ir.node import Node, constant, make
 from adsvc.ops import api as A
 from adsvc.ops.registry import OPS
+from adsvc.passes.activity import CHECK_EVERY, Checker
 
 FOLD_LIMIT = 64  # fold constant subexpressions with at most this many elements
 
@@ -77,9 +78,11 @@ def _rewrite(n: Node) -> Node:
     return n
 
 
-def simplify(graph: Graph) -> Graph:
+def simplify(graph: Graph, check: Checker = None) -> Graph:
     new: dict[int, Node] = {}
-    for node in graph.nodes:
+    for k, node in enumerate(graph.nodes):
+        if check is not None and k % CHECK_EVERY == 0:
+            check()
         if not node.inputs:
             new[id(node)] = node
             continue

@@ -8,6 +8,7 @@ look for one.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -16,7 +17,7 @@ import numpy as np
 
 from adsvc.ir.graph import Graph
 from adsvc.ir.node import Node, constant, input_node, make
-from adsvc.ops.registry import OPS
+from adsvc.ops.registry import OPS, check_shape
 from adsvc_client import dtypes
 from adsvc_client.errors import (
     AdsvcError,
@@ -87,19 +88,30 @@ def _find_cycle(wire: WireGraph, start: int) -> list[int] | None:
     return [u for u, _ in edges]
 
 
-def build_graph(wire: WireGraph, max_nodes: int | None = None) -> Graph:
-    """Check `wire` and return the equivalent IR graph."""
+CHECK_EVERY = 256  # nodes between calls of the `check` callback
+
+
+def check_node_count(n: int, max_nodes: int | None) -> None:
     from adsvc_client.errors import LimitExceededError
 
+    if max_nodes is not None and n > max_nodes:
+        raise LimitExceededError(f"graph has {n} nodes; the limit is {max_nodes}",
+                                 field="nodes")
+
+
+def build_graph(wire: WireGraph, max_nodes: int | None = None,
+                check: Callable[[], None] | None = None) -> Graph:
+    """Check `wire` and return the equivalent IR graph.
+
+    `check`, if given, is called every CHECK_EVERY nodes and may raise to stop the work
+    (deadlines, cancellation)."""
     if wire.ir_version != IR_VERSION:
         raise VersionError(f"IR version {wire.ir_version} is not supported (this server reads "
                            f"version {IR_VERSION})", field="ir_version")
     if wire.opset_version != OPSET_VERSION:
         raise VersionError(f"opset version {wire.opset_version} is not supported (this server "
                            f"implements opset {OPSET_VERSION})", field="opset_version")
-    if max_nodes is not None and len(wire.nodes) + len(wire.inputs) > max_nodes:
-        raise LimitExceededError(f"graph has {len(wire.nodes) + len(wire.inputs)} nodes; the "
-                                 f"limit is {max_nodes}", field="nodes")
+    check_node_count(len(wire.nodes) + len(wire.inputs), max_nodes)
     env: dict[int, Node] = {}
     names: set[str] = set()
     inputs = []
@@ -112,9 +124,10 @@ def build_graph(wire: WireGraph, max_nodes: int | None = None) -> Graph:
             raise DuplicateIdError(f"input name is {what}", field=where)
         if w.dtype not in dtypes.DTYPES:
             raise DTypeError(f"input {w.name!r} has no valid dtype", field=where)
-        if any(d < 0 for d in w.shape):
-            raise ShapeError(f"input {w.name!r} has a negative dimension {list(w.shape)}",
-                             field=where)
+        try:
+            check_shape(f"input {w.name!r}", w.shape)
+        except ShapeError as e:
+            raise ShapeError(e.description, field=where) from None
         names.add(w.name)
         env[w.id] = input_node(w.name, w.dtype, w.shape)
         inputs.append(env[w.id])
@@ -123,6 +136,8 @@ def build_graph(wire: WireGraph, max_nodes: int | None = None) -> Graph:
     seen_node_ids: set[int] = set()
     for i, n in enumerate(wire.nodes):
         where = f"nodes[id={n.id}]"
+        if check is not None and i % CHECK_EVERY == 0:
+            check()
 
         def fail(cls, msg, n=n, where=where, i=i, **kw):
             return cls(f"node %{n.id} ({n.op}): {msg}", field=where,

@@ -33,11 +33,16 @@ def check_feeds(inputs, feeds: Mapping[str, object]) -> list[np.ndarray]:
             if v.dtype != want and not np.can_cast(v.dtype, want, "same_kind"):
                 raise InputError(f"input {n.name!r} has dtype {v.dtype}, expected {n.dtype}",
                                  field=f"inputs.{n.name}")
+            if want.kind in "iu" and v.dtype != want and np.size(v):
+                info = np.iinfo(want)
+                if np.min(v) < info.min or np.max(v) > info.max:
+                    raise InputError(f"input {n.name!r}: values out of range for {n.dtype}",
+                                     field=f"inputs.{n.name}")
             arr = np.asarray(v, dtype=want)
         else:
             try:
                 arr = np.asarray(v, dtype=want)
-            except (TypeError, ValueError) as e:
+            except (TypeError, ValueError, OverflowError) as e:
                 raise InputError(f"input {n.name!r} is not a {n.dtype} array: {e}",
                                  field=f"inputs.{n.name}") from None
             if n.dtype in dtypes.INTS | {dtypes.BOOL} and not np.array_equal(

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
 from adsvc_client import dtypes
@@ -26,6 +28,8 @@ def dtype_from_enum(value: int, where: str = "", error=InputError) -> str:
 def to_tensor(value, dtype: str | None = None) -> ir_pb2.Tensor:
     """Encode an array-like as a Tensor with raw little-endian bytes."""
     arr = np.asarray(value)
+    if arr.dtype.kind == "u" and arr.size and arr.max() > np.iinfo(np.int64).max:
+        raise ValueError(f"unsigned values up to {arr.max()} do not fit in int64")
     if dtype is None:
         if arr.dtype.kind == "f" and arr.dtype != np.float32:
             dtype = dtypes.FLOAT64
@@ -44,7 +48,9 @@ def from_tensor(t: ir_pb2.Tensor, where: str = "", error=InputError,
     dims = tuple(int(d) for d in t.dims)
     if any(d < 0 for d in dims):
         raise error(f"negative dimension in {list(dims)}", field=where)
-    n = int(np.prod(dims, dtype=np.int64)) if dims else 1
+    n = math.prod(dims)  # exact: np.prod in int64 would wrap for huge dims
+    if n >= 2**62:
+        raise error(f"shape {list(dims)} has too many elements", field=where)
     if max_elements is not None and n > max_elements:
         from adsvc_client.errors import LimitExceededError
         raise LimitExceededError(f"tensor has {n} elements; the limit is {max_elements}",
