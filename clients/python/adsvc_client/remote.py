@@ -29,6 +29,7 @@ from adsvc_client.tensors import dtype_from_enum, from_tensor, to_tensor
 SERVICE = "adsvc.v1.AutodiffService"
 MODES = {"forward": service_pb2.MODE_FORWARD, "reverse": service_pb2.MODE_REVERSE}
 DEFAULT_MAX_MESSAGE_BYTES = 64 * 1024 * 1024
+FALLBACK_STREAM_FEEDS = 1024  # feeds per stream when the server's limit is unknown
 
 # A status without our ErrorInfo (raised by gRPC itself) -> exception class.
 _BY_CODE = {
@@ -174,6 +175,7 @@ class RemoteClient(ClientBase):
         self._compiled: OrderedDict[tuple, RemoteCompiled] = OrderedDict()
         self._cache_size = cache_size
         self._lock = threading.Lock()
+        self._stream_feeds: int | None = None  # the server's max_stream_feeds, once known
 
     # -- plumbing ----------------------------------------------------------------------
     def _metadata(self):
@@ -255,12 +257,30 @@ class RemoteClient(ClientBase):
             h.handle = resp.handle
         return _decode(resp.outputs)
 
+    def _stream_chunk(self, timeout) -> int:
+        """Feeds per EvaluateStream call: the server's max_stream_feeds (asked once per
+        client), or FALLBACK_STREAM_FEEDS if the server does not say."""
+        if self._stream_feeds is None:
+            try:
+                limit = self.server_info(timeout=timeout).limits.max_stream_feeds
+            except E.AdsvcError:
+                return FALLBACK_STREAM_FEEDS  # not cached: ask again next time
+            self._stream_feeds = limit if limit > 0 else 0
+        return self._stream_feeds
+
     def _run_many(self, compiled, feeds: Sequence[Mapping[str, object]],
                   timeout) -> list[dict[str, np.ndarray]]:
-        h: RemoteHandle = compiled.handle
         encoded = [_encode_feeds(f, f"feeds[{i}].") for i, f in enumerate(feeds)]
         if not encoded:
             return []
+        chunk = len(encoded) if len(encoded) == 1 else self._stream_chunk(timeout)
+        chunk = chunk or len(encoded)
+        out: list[dict[str, np.ndarray]] = []
+        for start in range(0, len(encoded), chunk):
+            out.extend(self._run_stream(compiled.handle, encoded[start:start + chunk], timeout))
+        return out
+
+    def _run_stream(self, h: RemoteHandle, encoded, timeout) -> list[dict[str, np.ndarray]]:
         try:
             return self._stream(service_pb2.StreamTarget(handle=h.handle), encoded, timeout)
         except E.HandleNotFoundError as e:
