@@ -20,8 +20,8 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from adsvc.server.config import ServerConfig
-from adsvc.server.service import AutodiffServicer
-from adsvc_client.proto import service_pb2, service_pb2_grpc
+from adsvc.server.service import AutodiffServicer, add_to_server
+from adsvc_client.proto import service_pb2
 
 log = logging.getLogger("adsvc.server")
 SERVICE_NAME = service_pb2.DESCRIPTOR.services_by_name["AutodiffService"].full_name
@@ -44,11 +44,16 @@ def create_server(address: str = "127.0.0.1:0", config: ServerConfig | None = No
         ("grpc.max_send_message_length", size),
         ("grpc.so_reuseport", int(reuse_port)),
     ]
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=config.threads,
+    # More threads than adsvc slots (config.pool_threads), so health checks, reflection
+    # and GetServerInfo answer while every slot is busy; beyond the pool gRPC itself
+    # answers RESOURCE_EXHAUSTED rather than queuing calls without bound.
+    pool = config.pool_threads
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=pool,
                                                     thread_name_prefix="adsvc-rpc"),
-                         options=options)
+                         options=options,
+                         maximum_concurrent_rpcs=pool if config.max_concurrent_rpcs else None)
     servicer = AutodiffServicer(config)
-    service_pb2_grpc.add_AutodiffServiceServicer_to_server(servicer, server)
+    add_to_server(servicer, server)
     health_servicer = health.HealthServicer(experimental_non_blocking=True)
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     for name in ("", SERVICE_NAME):
@@ -173,7 +178,9 @@ _LIMIT_FLAGS = {
     "max_order": "most differentiation passes per request",
     "max_stream_feeds": "most feeds in one EvaluateStream call",
     "cache_entries": "compiled graphs kept in the LRU cache",
+    "max_cache_nodes": "compiled nodes kept in the LRU cache in total",
     "threads": "RPC worker threads per process",
+    "max_concurrent_rpcs": "adsvc calls in progress at once; more get RESOURCE_EXHAUSTED",
 }
 
 
@@ -192,6 +199,10 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
                             help=f"{doc} (default {getattr(default, name)}; 0 = no limit)"
                             if name.startswith("max") else f"{doc} (default "
                             f"{getattr(default, name)})")
+    parser.add_argument("--stream-idle-seconds", type=float,
+                        default=default.stream_idle_seconds,
+                        help="cancel an EvaluateStream call that waits this long for its "
+                             f"next message (default {default.stream_idle_seconds}; 0 = never)")
     parser.add_argument("--grace", type=float, default=default.grace_seconds,
                         help="seconds in-flight calls may take to finish after SIGTERM")
     parser.add_argument("--drain", type=float, default=default.drain_seconds,
@@ -207,7 +218,7 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
     names = {f.name for f in fields(ServerConfig)}
     kw = {k: getattr(args, k) for k in _LIMIT_FLAGS if k in names}
     return ServerConfig(**kw, grace_seconds=args.grace, drain_seconds=args.drain,
-                        token=args.token or None)
+                        stream_idle_seconds=args.stream_idle_seconds, token=args.token or None)
 
 
 def run_from_args(args: argparse.Namespace) -> int:

@@ -8,37 +8,50 @@ from typing import Any
 
 
 class LRUCache:
-    """get/put with least-recently-used eviction; counts hits and misses."""
+    """get/put with least-recently-used eviction; counts hits and misses.
 
-    def __init__(self, capacity: int):
+    Bounded by entry count (`capacity`) and by the total weight of the entries
+    (`max_weight`, e.g. compiled nodes; 0 = unbounded): eviction runs until both hold,
+    and an item heavier than the whole weight budget is not cached at all.
+    """
+
+    def __init__(self, capacity: int, max_weight: int = 0):
         self.capacity = capacity
-        self._items: OrderedDict[str, Any] = OrderedDict()
+        self.max_weight = max_weight
+        self._items: OrderedDict[str, tuple[Any, int]] = OrderedDict()
         self._lock = threading.Lock()
+        self.weight = 0
         self.hits = 0
         self.misses = 0
 
     def get(self, key: str):
         with self._lock:
-            item = self._items.get(key)
-            if item is None:
+            found = self._items.get(key)
+            if found is None:
                 self.misses += 1
                 return None
             self.hits += 1
             self._items.move_to_end(key)
-            return item
+            return found[0]
 
-    def put(self, key: str, item) -> None:
-        if self.capacity <= 0:
+    def put(self, key: str, item, weight: int = 1) -> None:
+        if self.capacity <= 0 or (self.max_weight and weight > self.max_weight):
             return
         with self._lock:
-            self._items[key] = item
-            self._items.move_to_end(key)
-            while len(self._items) > self.capacity:
-                self._items.popitem(last=False)
+            old = self._items.pop(key, None)
+            if old is not None:
+                self.weight -= old[1]
+            self._items[key] = (item, weight)
+            self.weight += weight
+            while self._items and (len(self._items) > self.capacity or
+                                   (self.max_weight and self.weight > self.max_weight)):
+                _, (_, w) = self._items.popitem(last=False)
+                self.weight -= w
 
     def clear(self) -> None:
         with self._lock:
             self._items.clear()
+            self.weight = 0
 
     def __len__(self) -> int:
         return len(self._items)

@@ -4,6 +4,8 @@ evaluation. No gRPC here; service.py parses requests and calls these."""
 from __future__ import annotations
 
 import hashlib
+import inspect
+import math
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -16,8 +18,11 @@ from adsvc.local import compile_graph, signature
 from adsvc.runtime.plan import Plan
 from adsvc.server.cache import LRUCache
 from adsvc.server.config import ServerConfig
+from adsvc_client.dtypes import to_numpy
 from adsvc_client.errors import (
     HandleNotFoundError,
+    InputError,
+    InvalidGraphError,
     InvalidRequestError,
     LimitExceededError,
 )
@@ -59,8 +64,13 @@ class Entry:
 
     def proto(self) -> ir_pb2.Graph:
         if self._proto is None:
-            self._proto = graph_to_proto(self.graph)
+            self._proto = encode_graph(self.graph, "differentiated graph")
         return self._proto
+
+    def output_bytes(self) -> int:
+        """A lower bound of the encoded size of all outputs: their raw data alone."""
+        return sum(math.prod(int(d) for d in shape) * np.dtype(to_numpy(dt)).itemsize
+                   for dt, shape in self.outputs.values())
 
 
 def spec_from_proto(d: service_pb2.Differentiation, config: ServerConfig,
@@ -72,14 +82,15 @@ def spec_from_proto(d: service_pb2.Differentiation, config: ServerConfig,
                                       field=f"{where}.modes[{i}]")
         modes.append(MODE_NAMES[m])
     order = d.order or len(modes)
-    if len(modes) == 1 and order > 1:
-        modes *= order
-    if len(modes) != order:
+    if len(modes) != 1 and len(modes) != order:
         raise InvalidRequestError(f"{len(modes)} modes given for order {order}",
                                   field=f"{where}.order")
+    # Check the limit before building `modes * order` (order can be ~2**64).
     if config.max_order and order > config.max_order:
         raise LimitExceededError(f"order {order} exceeds the limit of {config.max_order}",
                                  field=f"{where}.order")
+    if len(modes) == 1 and order > 1:
+        modes *= order
     if not modes and (d.wrt or d.seed):
         raise InvalidRequestError("wrt/seed given without any mode", field=f"{where}.modes")
     wrt = tuple(d.wrt) if d.wrt else None
@@ -91,23 +102,43 @@ def check_elements(graph: Graph, config: ServerConfig, what: str) -> None:
     if not limit:
         return
     for i, n in enumerate(graph.nodes):
-        size = int(np.prod(n.shape, dtype=np.int64)) if n.shape else 1
+        size = math.prod(int(d) for d in n.shape)  # exact: no int64 wrap-around
         if size > limit:
             raise LimitExceededError(
                 f"{what} node {i} ({n.op}) has shape {list(n.shape)} = {size} elements; the "
                 f"limit is {limit}", field="nodes" if n.op != "input" else f"inputs.{n.name}")
 
 
-def decode_graph(proto: ir_pb2.Graph, config: ServerConfig) -> Graph:
-    graph = graph_from_proto(proto, max_nodes=config.limit(config.max_nodes),
-                             max_elements=config.limit(config.max_tensor_elements))
+def decode_graph(proto: ir_pb2.Graph, config: ServerConfig,
+                 check: Callable[[], None] | None = None) -> Graph:
+    try:
+        graph = graph_from_proto(proto, max_nodes=config.limit(config.max_nodes),
+                                 max_elements=config.limit(config.max_tensor_elements),
+                                 **_check_kw(graph_from_proto, check))
+    except (ValueError, OverflowError) as e:  # numpy/protobuf range errors: a bad graph
+        raise InvalidGraphError(f"the graph cannot be decoded: {e}", field="graph") from None
     check_elements(graph, config, "graph")
     return graph
 
 
+def _check_kw(fn, check) -> dict:
+    """`check=` for core functions that accept it (the core grows the parameter)."""
+    if check is None or "check" not in inspect.signature(fn).parameters:
+        return {}
+    return {"check": check}
+
+
+def encode_graph(graph: Graph, what: str = "graph") -> ir_pb2.Graph:
+    """graph_to_proto, with numpy/protobuf range errors as typed errors."""
+    try:
+        return graph_to_proto(graph)
+    except (ValueError, OverflowError, TypeError) as e:
+        raise InvalidGraphError(f"the {what} cannot be encoded: {e}", field="graph") from None
+
+
 def content_hash(graph: Graph, spec: Spec) -> str:
     """sha256 of the canonical (re-encoded, deterministic) graph and the spec."""
-    h = hashlib.sha256(graph_to_proto(graph).SerializeToString(deterministic=True))
+    h = hashlib.sha256(encode_graph(graph).SerializeToString(deterministic=True))
     h.update(b"\0" + repr((spec.modes, spec.wrt, spec.seed)).encode())
     return h.hexdigest()
 
@@ -117,7 +148,7 @@ class Compiler:
 
     def __init__(self, config: ServerConfig):
         self.config = config
-        self.cache = LRUCache(config.cache_entries)
+        self.cache = LRUCache(config.cache_entries, config.max_cache_nodes)
 
     def lookup(self, handle: str) -> Entry:
         entry = self.cache.get(handle) if handle else None
@@ -129,8 +160,9 @@ class Compiler:
 
     def compile(self, proto: ir_pb2.Graph, spec: Spec,
                 check: Callable[[], None] | None = None) -> tuple[Entry, bool]:
-        """(entry, cache_hit). `check` may raise to stop (deadline) between stages."""
-        graph = decode_graph(proto, self.config)
+        """(entry, cache_hit). `check` may raise to stop the work (deadline, cancel); it
+        is passed to the core's decoder and passes and called between stages."""
+        graph = decode_graph(proto, self.config, check)
         key = content_hash(graph, spec)
         entry = self.cache.get(key)
         if entry is not None:
@@ -138,7 +170,8 @@ class Compiler:
         if check is not None:
             check()
         start = time.perf_counter()
-        out = compile_graph(graph, spec.modes, spec.wrt, spec.seed)
+        out = compile_graph(graph, spec.modes, spec.wrt, spec.seed,
+                            **_check_kw(compile_graph, check))
         limit = self.config.max_compiled_nodes
         if limit and len(out.nodes) > limit:
             raise LimitExceededError(f"the compiled graph has {len(out.nodes)} nodes; the "
@@ -148,19 +181,39 @@ class Compiler:
         ins, outs = signature(out)
         entry = Entry(key, spec, out, plan, len(proto.inputs) + len(proto.nodes),
                       time.perf_counter() - start, ins, outs)
-        self.cache.put(key, entry)
+        if check is not None:
+            check()  # finished after the deadline or a cancel: neither answer nor cache it
+        self.cache.put(key, entry, weight=len(out.nodes))
         return entry, False
 
 
 def decode_feeds(tensors: Mapping[str, ir_pb2.Tensor], config: ServerConfig,
                  prefix: str = "") -> dict[str, np.ndarray]:
     limit = config.limit(config.max_tensor_elements)
-    return {name: from_tensor(t, f"{prefix}inputs.{name}", max_elements=limit)
-            for name, t in tensors.items()}
+    out = {}
+    for name, t in tensors.items():
+        where = f"{prefix}inputs.{name}"
+        try:
+            out[name] = from_tensor(t, where, max_elements=limit)
+        except (ValueError, OverflowError) as e:  # numpy range errors: a bad feed
+            raise InputError(f"input {name!r} cannot be decoded: {e}", field=where) from None
+    return out
 
 
 def encode_outputs(entry: Entry, values: Mapping[str, np.ndarray]) -> dict[str, ir_pb2.Tensor]:
-    return {name: to_tensor(v, entry.outputs[name][0]) for name, v in values.items()}
+    try:
+        return {name: to_tensor(v, entry.outputs[name][0]) for name, v in values.items()}
+    except (ValueError, OverflowError, TypeError) as e:
+        raise InvalidRequestError(f"an output cannot be encoded: {e}", field="outputs") from None
+
+
+def check_response_size(entry: Entry, config: ServerConfig, what: str = "response") -> None:
+    """RESOURCE_EXHAUSTED before evaluating when the outputs cannot fit in one message."""
+    limit = config.max_message_bytes
+    size = entry.output_bytes()
+    if limit and size > limit:
+        raise LimitExceededError(f"the outputs of this graph take {size} bytes; the message "
+                                 f"limit is {limit}", field=what)
 
 
 def evaluate(entry: Entry, feeds: Mapping[str, np.ndarray],

@@ -5,11 +5,22 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 MIB = 1024 * 1024
+HEADROOM_THREADS = 4  # pool threads beyond the adsvc slots: health, reflection, server info
 
 
 @dataclass(frozen=True)
 class ServerConfig:
-    """What a server enforces and how it runs. 0 disables a numeric limit."""
+    """What a server enforces and how it runs. 0 disables a numeric limit.
+
+    Concurrency: at most `max_concurrent_rpcs` adsvc calls (GetServerInfo excepted) run
+    at once; a call beyond that answers RESOURCE_EXHAUSTED at once instead of queuing.
+    The thread pool has `max(threads, max_concurrent_rpcs)` threads plus a few spare
+    ones (HEADROOM_THREADS) so health checks, reflection and GetServerInfo always find
+    a thread even when every adsvc slot is taken. An EvaluateStream call that waits
+    longer than `stream_idle_seconds` for its next message is cancelled, freeing its
+    thread and slot. Compiled graphs are cached up to `cache_entries` entries *and*
+    `max_cache_nodes` compiled nodes in total (least recently used evicted first).
+    """
 
     max_message_bytes: int = 64 * MIB  # request and response size (set on the gRPC server)
     max_nodes: int = 1_000_000  # inputs + nodes of a received graph
@@ -19,9 +30,16 @@ class ServerConfig:
     max_stream_feeds: int = 1_000_000  # feeds in one EvaluateStream call
     cache_entries: int = 256  # compiled graphs kept (LRU)
     threads: int = 8  # worker threads of the (synchronous) gRPC server per process
+    max_concurrent_rpcs: int = 8  # adsvc calls in progress at once; more: RESOURCE_EXHAUSTED
+    stream_idle_seconds: float = 60.0  # a stream idle this long (no message): cancelled
+    max_cache_nodes: int = 8_000_000  # compiled nodes held by the cache in total
     grace_seconds: float = 10.0  # SIGTERM: how long in-flight calls may take to finish
     drain_seconds: float = 0.0  # SIGTERM: report NOT_SERVING this long before stopping
     token: str | None = None  # bearer token required on every call except health/reflection
+
+    @property
+    def pool_threads(self) -> int:
+        return max(self.threads, self.max_concurrent_rpcs) + HEADROOM_THREADS
 
     def limit(self, value: int) -> int | None:
         """A limit as used by the compiler: None when disabled (0)."""

@@ -17,9 +17,11 @@ from adsvc_client.proto import ir_pb2
 
 
 class _CacheBackedClient(ClientBase):
-    def __init__(self, compiler: Compiler, interrupt: Callable[[], None] | None):
+    def __init__(self, compiler: Compiler, interrupt: Callable[[], None] | None,
+                 check: Callable[[], None] | None = None):
         self.compiler = compiler
         self.interrupt = interrupt
+        self.check = check if check is not None else interrupt
         self.entry: Entry | None = None
 
     def _compile(self, g, modes, wrt, seed, timeout) -> Compiled:
@@ -31,7 +33,7 @@ class _CacheBackedClient(ClientBase):
                     f"{want.describe()} (send the graph instead)", field="handle")
             entry = g
         else:
-            entry, _ = self.compiler.compile(g, Spec(modes, wrt, seed), self.interrupt)
+            entry, _ = self.compiler.compile(g, Spec(modes, wrt, seed), self.check)
         self.entry = entry
         return Compiled(entry, entry.inputs, entry.outputs, entry.graph)
 
@@ -41,9 +43,11 @@ class _CacheBackedClient(ClientBase):
 
 def value_and_grad(compiler: Compiler, source: Entry | ir_pb2.Graph, mode: str,
                    wrt: tuple[str, ...] | None, feeds: Mapping[str, np.ndarray],
-                   interrupt: Callable[[], None] | None):
-    """(value, {input: gradient}, output name, entry)."""
-    client = _CacheBackedClient(compiler, interrupt)
+                   interrupt: Callable[[], None] | None,
+                   check: Callable[[], None] | None = None):
+    """(value, {input: gradient}, output name, entry). `interrupt` is called during
+    evaluation, `check` (default: `interrupt`) during compilation; either may raise."""
+    client = _CacheBackedClient(compiler, interrupt, check)
     value, grads = client.value_and_grad(source, wrt, mode, feeds)
     entry = client.entry
     name = ClientBase._scalar_output(Compiled(entry, entry.inputs, entry.outputs))

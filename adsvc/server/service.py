@@ -21,6 +21,7 @@ from adsvc.server import errors as status_table
 from adsvc.server.compiler import (
     MODE_NAMES,
     Compiler,
+    check_response_size,
     decode_feeds,
     encode_outputs,
     evaluate,
@@ -29,6 +30,7 @@ from adsvc.server.compiler import (
 from adsvc.server.config import ServerConfig
 from adsvc.server.gradient import value_and_grad
 from adsvc.server.info import server_info
+from adsvc.server.watchdog import Watchdog
 from adsvc_client.errors import (
     AdsvcError,
     CancelledError,
@@ -48,6 +50,26 @@ class _Status(namedtuple("_Status", ("code", "details", "trailing_metadata")), g
     pass
 
 
+_SERVICE = service_pb2.DESCRIPTOR.services_by_name["AutodiffService"]
+# rpc name -> (request class, response class); requests arrive as raw bytes and are
+# parsed inside the call, so garbage gets INVALID_ARGUMENT (after authentication).
+METHODS = {m.name: (getattr(service_pb2, m.input_type.name),
+                    getattr(service_pb2, m.output_type.name)) for m in _SERVICE.methods}
+UNLIMITED_RPCS = frozenset({"GetServerInfo"})  # cheap; not counted against the slots
+
+
+def _parse(cls, data, field: str):
+    if not isinstance(data, bytes | bytearray | memoryview):
+        return data  # already a message (a direct call, e.g. from a test)
+    msg = cls()
+    try:
+        msg.ParseFromString(bytes(data))
+    except Exception:  # DecodeError, RecursionError, ...: all mean "not this message"
+        raise InvalidRequestError(f"the request is not a valid {cls.DESCRIPTOR.full_name} "
+                                  "message", field=field) from None
+    return msg
+
+
 class Call:
     """Per-call state: request id, where errors are located, how the work ended."""
 
@@ -55,17 +77,24 @@ class Call:
         self.rpc = rpc
         self.context = context
         self.start = time.perf_counter()
-        md = dict(context.invocation_metadata() or ())
+        raw = tuple(context.invocation_metadata() or ())
+        md = dict(raw)
         self.metadata = md
+        self.authorization = [v for k, v in raw if k == "authorization"]
         self.request_id = (md.get(REQUEST_ID) or uuid.uuid4().hex)[:128]
         self.field_prefix = ""
         self.checks = 0  # interrupt() calls during evaluation (one per 256 steps)
         self.interrupted = False
+        self.idle_expired = False
         self.detail = ""
 
     def interrupt(self) -> None:
         """Raise if the deadline expired or the client went away (stops the evaluator)."""
         self.checks += 1
+        self.stop_if_done()
+
+    def stop_if_done(self) -> None:
+        """Raise if the deadline expired or the client went away (stops any work)."""
         remaining = self.context.time_remaining()
         if remaining is not None and remaining <= 0:
             self.interrupted = True
@@ -79,41 +108,55 @@ def _call(method):
     """Wrap a unary or server-streaming handler with the per-call machinery."""
     rpc = method.__name__
     streaming = rpc == "EvaluateStream"
+    request_cls = METHODS[rpc][0]
 
     def _run(self, request, context, body):
         call = self._begin(rpc, context)
         status = "OK"
+        slot = False
         try:
             self._authorize(call)
+            if rpc not in UNLIMITED_RPCS:
+                slot = self._take_slot()
             result = yield from body(call)
             return result
         except AdsvcError as e:
             status = status_table.status_code(e).name
             if call.interrupted:
                 self._count("evaluations_interrupted")
-                call.detail += f" interrupted after {call.checks * 256} evaluation steps"
+                call.detail += (f" interrupted after {call.checks * 256} evaluation steps"
+                                if call.checks else " interrupted while compiling")
+            if call.idle_expired:
+                status = "CANCELLED"
+                call.detail += " idle"
+                return None
             self._abort(call, status_table.to_status(e, call.field_prefix))
         except Exception:
-            if not context.is_active():
+            if call.idle_expired or not context.is_active():
                 status = "CANCELLED"
+                call.detail += " idle" if call.idle_expired else ""
                 return None
             status = "INTERNAL"
             log.exception("rpc=%s request_id=%s failed", rpc, call.request_id)
             self._abort(call, status_table.internal_status(call.request_id))
         finally:
+            if slot:
+                self._slots.release()
             self._end(call, status)
 
     if streaming:
         @functools.wraps(method)
         def stream_wrapper(self, request_iterator, context):
-            return (yield from _run(self, request_iterator, context,
-                                    lambda call: method(self, request_iterator, call)))
+            return (yield from _run(
+                self, request_iterator, context,
+                lambda call: method(self, self._stream_requests(request_iterator, call),
+                                    call)))
         return stream_wrapper
 
     @functools.wraps(method)
     def unary_wrapper(self, request, context):
         def body(call):
-            return method(self, request, call)
+            return method(self, _parse(request_cls, request, ""), call)
             yield  # pragma: no cover  (makes `body` a generator for `yield from`)
         gen = _run(self, request, context, body)
         try:
@@ -124,12 +167,27 @@ def _call(method):
     return unary_wrapper
 
 
+def add_to_server(servicer: AutodiffServicer, server: grpc.Server) -> None:
+    """Register the servicer with raw-bytes requests (parsed by `_call`)."""
+    handlers = {}
+    for name, (_, response_cls) in METHODS.items():
+        fn = getattr(servicer, name)
+        make = (grpc.stream_stream_rpc_method_handler if name == "EvaluateStream"
+                else grpc.unary_unary_rpc_method_handler)
+        handlers[name] = make(fn, request_deserializer=None,
+                              response_serializer=response_cls.SerializeToString)
+    server.add_generic_rpc_handlers(
+        (grpc.method_handlers_generic_handler(_SERVICE.full_name, handlers),))
+
+
 class AutodiffServicer(service_pb2_grpc.AutodiffServiceServicer):
     def __init__(self, config: ServerConfig):
         self.config = config
         self.compiler = Compiler(config)
         self._lock = threading.Lock()
         self.counters = {"calls_in_flight": 0, "calls_total": 0, "evaluations_interrupted": 0}
+        self._slots = threading.BoundedSemaphore(config.max_concurrent_rpcs or 1)
+        self._watchdog = Watchdog()
 
     # -- per-call machinery --------------------------------------------------------
     def _count(self, key: str, delta: int = 1) -> None:
@@ -154,11 +212,55 @@ class AutodiffServicer(service_pb2_grpc.AutodiffServiceServicer):
         token = self.config.token
         if not token:
             return
-        given = call.metadata.get("authorization", "")
-        if not hmac.compare_digest(given.encode(), f"Bearer {token}".encode()):
+        if len(call.authorization) > 1:
+            raise UnauthenticatedError(f"{len(call.authorization)} authorization headers "
+                                       "were sent; send exactly one", field="authorization")
+        scheme, _, credentials = (call.authorization or [""])[0].strip().partition(" ")
+        # RFC 6750: the scheme is case-insensitive; the token itself is compared exactly.
+        ok = hmac.compare_digest(credentials.strip().encode(), token.encode())
+        if scheme.lower() != "bearer" or not ok:
             raise UnauthenticatedError("a valid bearer token is required "
                                        "(metadata 'authorization: Bearer <token>')",
                                        field="authorization")
+
+    def _take_slot(self) -> bool:
+        """Claim one of the `max_concurrent_rpcs` slots or answer RESOURCE_EXHAUSTED."""
+        if not self.config.max_concurrent_rpcs:
+            return False
+        if not self._slots.acquire(blocking=False):
+            raise LimitExceededError(
+                f"the server is busy: {self.config.max_concurrent_rpcs} calls are in "
+                "progress; retry later", field="")
+        return True
+
+    def _stream_requests(self, raw_iterator, call: Call):
+        """Parsed stream messages; a wait longer than stream_idle_seconds cancels the call."""
+        idle = self.config.stream_idle_seconds
+
+        def expire():
+            call.idle_expired = True
+            call.context.cancel()
+
+        index = -1
+        while True:
+            key = self._watchdog.arm(idle, expire) if idle and idle > 0 else None
+            try:
+                data = next(raw_iterator, None)
+            finally:
+                if key is not None:
+                    self._watchdog.disarm(key)
+            if call.idle_expired:
+                raise CancelledError(f"no message for {idle} s; the stream was cancelled")
+            if data is None:
+                return
+            try:
+                msg = _parse(service_pb2.EvaluateStreamRequest, data,
+                             "target" if index < 0 else f"feeds[{index}]")
+            except InvalidRequestError:
+                call.field_prefix = ""
+                raise
+            yield msg
+            index += 1
 
     @staticmethod
     def _abort(call: Call, status: grpc.Status) -> None:
@@ -177,7 +279,7 @@ class AutodiffServicer(service_pb2_grpc.AutodiffServiceServicer):
         if kind == "graph":
             spec = spec_from_proto(request.differentiation, self.config,
                                    f"{where}differentiation")
-            entry, hit = self.compiler.compile(request.graph, spec, call.interrupt)
+            entry, hit = self.compiler.compile(request.graph, spec, call.stop_if_done)
             call.detail += f" cache={'hit' if hit else 'miss'}"
             return entry
         if kind == "handle":
@@ -191,7 +293,7 @@ class AutodiffServicer(service_pb2_grpc.AutodiffServiceServicer):
         if not request.HasField("graph"):
             raise InvalidRequestError("graph is required", field="graph")
         spec = spec_from_proto(request.differentiation, self.config)
-        entry, hit = self.compiler.compile(request.graph, spec, call.interrupt)
+        entry, hit = self.compiler.compile(request.graph, spec, call.stop_if_done)
         call.detail = f" cache={'hit' if hit else 'miss'} nodes={entry.nodes_after}"
         resp = service_pb2.DifferentiateResponse(
             handle=entry.handle,
@@ -211,6 +313,7 @@ class AutodiffServicer(service_pb2_grpc.AutodiffServiceServicer):
     @_call
     def Evaluate(self, request, call):
         entry = self._source(request, call)
+        check_response_size(entry, self.config)
         feeds = decode_feeds(request.inputs, self.config)
         values = evaluate(entry, feeds, call.interrupt)
         resp = service_pb2.EvaluateResponse(outputs=encode_outputs(entry, values),
@@ -236,7 +339,7 @@ class AutodiffServicer(service_pb2_grpc.AutodiffServiceServicer):
         feeds = decode_feeds(request.inputs, self.config)
         wrt = tuple(request.wrt) if request.wrt else None
         value, grads, name, entry = value_and_grad(self.compiler, source, mode, wrt, feeds,
-                                                   call.interrupt)
+                                                   call.interrupt, call.stop_if_done)
         resp = service_pb2.GradientResponse(
             value=to_tensor(value, entry.outputs[name][0]), output_name=name,
             handle=entry.handle,
@@ -253,6 +356,7 @@ class AutodiffServicer(service_pb2_grpc.AutodiffServiceServicer):
             raise InvalidRequestError("the first message must be a target (graph or handle)",
                                       field="target")
         entry = self._source(first.target, call, "target.")
+        check_response_size(entry, self.config)  # every feed's response has these outputs
         limit = self.config.max_stream_feeds
         for index, msg in enumerate(request_iterator):
             call.field_prefix = f"feeds[{index}]."
