@@ -4,7 +4,6 @@ evaluation. No gRPC here; service.py parses requests and calls these."""
 from __future__ import annotations
 
 import hashlib
-import inspect
 import math
 import time
 from collections.abc import Callable, Mapping
@@ -114,18 +113,11 @@ def decode_graph(proto: ir_pb2.Graph, config: ServerConfig,
     try:
         graph = graph_from_proto(proto, max_nodes=config.limit(config.max_nodes),
                                  max_elements=config.limit(config.max_tensor_elements),
-                                 **_check_kw(graph_from_proto, check))
+                                 check=check)
     except (ValueError, OverflowError) as e:  # numpy/protobuf range errors: a bad graph
         raise InvalidGraphError(f"the graph cannot be decoded: {e}", field="graph") from None
     check_elements(graph, config, "graph")
     return graph
-
-
-def _check_kw(fn, check) -> dict:
-    """`check=` for core functions that accept it (the core grows the parameter)."""
-    if check is None or "check" not in inspect.signature(fn).parameters:
-        return {}
-    return {"check": check}
 
 
 def encode_graph(graph: Graph, what: str = "graph") -> ir_pb2.Graph:
@@ -170,8 +162,7 @@ class Compiler:
         if check is not None:
             check()
         start = time.perf_counter()
-        out = compile_graph(graph, spec.modes, spec.wrt, spec.seed,
-                            **_check_kw(compile_graph, check))
+        out = compile_graph(graph, spec.modes, spec.wrt, spec.seed, check=check)
         limit = self.config.max_compiled_nodes
         if limit and len(out.nodes) > limit:
             raise LimitExceededError(f"the compiled graph has {len(out.nodes)} nodes; the "
