@@ -38,6 +38,7 @@ from adsvc.ops.api import (  # noqa: F401
     min,
     minimum,
     mul,
+    mul_or_zero,
     ne,
     neg,
     norm,

@@ -53,6 +53,9 @@ def trace(fn: Callable, name: str | None = None, **specs: Spec) -> Graph:
     if not specs:
         specs = {p: f64() for p in inspect.signature(fn).parameters}
     for k, s in specs.items():
+        if not k or ":" in k:
+            raise ValueError(f"bad input name {k!r}: use a non-empty string without ':' "
+                             "(names with ':' are the ones differentiation adds)")
         if not isinstance(s, Spec):
             raise TypeError(f"input {k!r}: give a type such as adsvc.f64() or adsvc.f32(3, 4)")
     inputs = {k: input_node(k, s.dtype, s.shape) for k, s in specs.items()}

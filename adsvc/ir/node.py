@@ -62,9 +62,20 @@ class Node:
 
 
 def _freeze(v: Any) -> Any:
-    if isinstance(v, (list, tuple)):
-        return tuple(int(x) for x in v)
+    """Hashable attribute value: sequences become tuples, numpy integers Python ints
+    (anything else is kept as given, for the op's attribute check to accept or reject)."""
+    if isinstance(v, (list, tuple, np.ndarray)):
+        return tuple(_freeze(x) for x in v)
+    if isinstance(v, np.integer):
+        return int(v)
+    if isinstance(v, np.floating):
+        return float(v)
     return v
+
+
+def _typed(attrs: Attrs) -> tuple:
+    """Attributes with their value types, for interning keys (True must not match 1)."""
+    return tuple((k, type(v), v) for k, v in attrs)
 
 
 def _intern(key: tuple, build) -> Node:
@@ -91,12 +102,12 @@ def make(op: str, inputs: tuple[Node, ...] | list[Node], attrs: dict | None = No
 
     inputs = tuple(inputs)
     frozen: Attrs = tuple(sorted((k, _freeze(v)) for k, v in (attrs or {}).items()))
-    key = (op, inputs, frozen, label)  # the label is part of identity: it never leaks
+    key = (op, inputs, _typed(frozen), label)  # the label is part of identity: no leaks
     found = _TABLE.get(key)
     if found is not None:
         return found
     dtype, shape, frozen = check_and_infer(op, inputs, frozen)
-    return _intern((op, inputs, frozen, label),
+    return _intern((op, inputs, _typed(frozen), label),
                    lambda: _new(op, inputs, frozen, dtype, tuple(shape), label=label))
 
 

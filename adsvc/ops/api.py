@@ -18,7 +18,15 @@ def lift(v, like: Node | None = None) -> Node:
     if isinstance(v, Node):
         return v
     if like is not None and isinstance(v, (int, float, bool, np.number)):
-        return constant(np.asarray(v).astype(like.dtype))
+        value = np.asarray(v)
+        converted = value.astype(like.dtype)
+        if like.dtype not in ("float64", "float32") and not (
+                np.isfinite(value) and converted == value):
+            from adsvc_client.errors import DTypeError
+
+            raise DTypeError(f"the number {v!r} is not exactly a {like.dtype}: cast the "
+                             f"{like.dtype} operand first (adsvc.cast(x, 'float64'))")
+        return constant(converted)
     return constant(v)
 
 
@@ -183,13 +191,10 @@ def add_any(a: Node | None, b: Node | None) -> Node | None:
     return add(a, b)
 
 
-def safe_mul(ct: Node, d: Node) -> Node:
-    """`ct * d`, but exactly 0 where `ct` is 0 even if `d` is inf/NaN there.
-
-    Used by rules whose local derivative is singular somewhere (log, sqrt, div, ...), so
-    that the zero cotangent `where` sends down its untaken branch stays zero.
-    """
-    return where(eq(ct, 0.0), 0.0, mul(ct, d))
+def mul_or_zero(a, b) -> Node:
+    """`a * b`, exactly 0 where `a` is 0 (even if `b` is inf/NaN): the chain-rule product
+    of a tangent/cotangent `a` and a local derivative `b`."""
+    return _bin("mul_or_zero", a, b)
 
 
 # -- composites (built from the ops above; not ops themselves) -----------------------
@@ -255,6 +260,16 @@ def _getitem(x: Node, idx):
     return out
 
 
+def _eq(self, other):
+    if isinstance(other, Node):
+        return self is other  # identity: nodes are interned (and used as dict keys)
+    raise TypeError("== / != on a traced value: use adsvc.eq(a, b) / adsvc.ne(a, b)")
+
+
+def _ne(self, other):
+    return not _eq(self, other)
+
+
 def _bool(self):
     raise TypeError("a traced value has no truth value: use adsvc.where(cond, a, b) "
                     "instead of Python if/and/or on traced values")
@@ -273,7 +288,8 @@ for _name, _fn in {
     "__matmul__": matmul, "__rmatmul__": lambda a, b: matmul(b, a),
     "__neg__": neg, "__pos__": lambda a: a, "__abs__": abs,
     "__lt__": lt, "__le__": le, "__gt__": gt, "__ge__": ge,
-    "__getitem__": _getitem, "__bool__": _bool,
+    "__getitem__": _getitem, "__bool__": _bool, "__eq__": _eq, "__ne__": _ne,
+    "__hash__": object.__hash__,
     "sum": sum, "mean": mean, "max": max, "min": min, "reshape": reshape,
     "astype": cast,
 }.items():

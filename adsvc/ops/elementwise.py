@@ -1,12 +1,15 @@
 """Elementwise ops (numpy broadcasting semantics).
 
 Unary float ops are declared by their kernel and local derivative `d(x, y)` (y is the
-op's own output node): JVP = t * d, VJP = ct * d. Ops whose derivative is singular
-somewhere use `safe_mul` so a zero cotangent stays zero (see api.safe_mul).
+op's own output node): JVP = t * d, VJP = ct * d. Every such chain-rule product is a
+`mul_or_zero` node: exactly 0 where the tangent/cotangent is 0, even if the local
+derivative is inf or NaN there. That is what keeps the untaken branch of `where` (whose
+cotangent is 0) from injecting NaN, and keeps forward mode finite where reverse mode is.
 
 Conventions at awkward points (documented in protos/README.md):
 sqrt'(0) = +inf; abs'(0) = sign(0) = 0; maximum/minimum at ties give each side 1/2;
-pow: d/da at b == 0 is 0, d/db at a == 0 is 0 (the limit where a**b is defined).
+pow: d/da = b * a**(b-1) is 0 where b == 0 (by the zero rule of mul_or_zero), and
+d/db = a**b * log(a) is defined as 0 where a == 0 (the limit where a**b is defined).
 """
 
 from __future__ import annotations
@@ -39,20 +42,18 @@ UNARY_DOCS = {
 }
 
 
-def _unary(name, kernel, d, *, singular=False, numeric=False, sample=None):
+def _unary(name, kernel, d, *, numeric=False):
     def jvp(node, ts):
         t, = ts
         if t is None:
             return None
-        return A.mul(t, d(node.inputs[0], node))
+        return A.mul_or_zero(t, d(node.inputs[0], node))
 
     def vjp(node, ct):
-        dd = d(node.inputs[0], node)
-        return [A.safe_mul(ct, dd) if singular else A.mul(ct, dd)]
+        return [A.mul_or_zero(ct, d(node.inputs[0], node))]
 
     infer = numeric_unary(name) if numeric else float_unary(name)
-    register(OpDef(name, 1, infer, lambda attrs: kernel, jvp, vjp, sample=sample,
-                   doc=UNARY_DOCS[name]))
+    register(OpDef(name, 1, infer, lambda attrs: kernel, jvp, vjp, doc=UNARY_DOCS[name]))
 
 
 # neg, abs and sign also accept integers (not differentiated there: activity analysis
@@ -61,24 +62,21 @@ register(OpDef("neg", 1, numeric_unary("neg"), lambda a: np.negative,
                lambda n, ts: None if ts[0] is None else A.neg(ts[0]),
                lambda n, ct: [A.neg(ct)], doc="-x; derivative -1"))
 _unary("exp", np.exp, lambda x, y: y)
-_unary("log", np.log, lambda x, y: A.reciprocal(x), singular=True, sample="positive")
-_unary("log1p", np.log1p, lambda x, y: A.reciprocal(A.add(x, 1.0)), singular=True,
-       sample="positive")
+_unary("log", np.log, lambda x, y: A.reciprocal(x))
+_unary("log1p", np.log1p, lambda x, y: A.reciprocal(A.add(x, 1.0)))
 _unary("expm1", np.expm1, lambda x, y: A.add(y, 1.0))
 _unary("sin", np.sin, lambda x, y: A.cos(x))
 _unary("cos", np.cos, lambda x, y: A.neg(A.sin(x)))
-_unary("tan", np.tan, lambda x, y: A.add(A.square(y), 1.0), sample="small")
+_unary("tan", np.tan, lambda x, y: A.add(A.square(y), 1.0))
 _unary("tanh", np.tanh, lambda x, y: A.sub(1.0, A.square(y)))
 _unary("sigmoid", _sigmoid, lambda x, y: A.mul(y, A.sub(1.0, y)))
 _unary("softplus", lambda x: np.logaddexp(np.zeros((), x.dtype), x), lambda x, y: A.sigmoid(x))
-_unary("sqrt", np.sqrt, lambda x, y: A.div(0.5, y), singular=True, sample="positive")
-_unary("abs", np.abs, lambda x, y: A.sign(x), numeric=True, sample="nonzero")
+_unary("sqrt", np.sqrt, lambda x, y: A.div(0.5, y))
+_unary("abs", np.abs, lambda x, y: A.sign(x), numeric=True)
 _unary("square", np.square, lambda x, y: A.mul(x, 2.0))
-_unary("reciprocal", np.reciprocal, lambda x, y: A.neg(A.square(y)), singular=True,
-       sample="nonzero")
+_unary("reciprocal", np.reciprocal, lambda x, y: A.neg(A.square(y)))
 register(OpDef("sign", 1, numeric_unary("sign"), lambda a: np.sign,
-               lambda n, ts: None, lambda n, ct: [None], doc="sign(x); derivative 0",
-               sample="nonzero"))
+               lambda n, ts: None, lambda n, ct: [None], doc="sign(x); derivative 0"))
 
 
 # -- binary ----------------------------------------------------------------------------
@@ -115,44 +113,41 @@ def _partials_jvp(partials):
         a, b = node.inputs
         pa, pb = partials(node, a, b)
         ta, tb = ts
-        out = A.add_any(None if ta is None else A.mul(ta, pa),
-                        None if tb is None else A.mul(tb, pb))
+        out = A.add_any(None if ta is None else A.mul_or_zero(ta, pa),
+                        None if tb is None else A.mul_or_zero(tb, pb))
         return None if out is None else A.broadcast_to(out, node.shape)
     return jvp
 
 
-def _partials_vjp(partials, singular=False):
+def _partials_vjp(partials):
     def vjp(node, ct):
         a, b = node.inputs
         pa, pb = partials(node, a, b)
-        m = A.safe_mul if singular else A.mul
-        return [_ub(m(ct, pa), a), _ub(m(ct, pb), b)]
+        return [_ub(A.mul_or_zero(ct, pa), a), _ub(A.mul_or_zero(ct, pb), b)]
     return vjp
 
 
-def _binary_op(name, kernel, partials, singular=False, doc="", sample=None, numeric=False):
+def _binary_op(name, kernel, partials, doc="", numeric=False):
     register(OpDef(name, 2, binary(name, NUMERIC if numeric else dtypes.FLOATS),
-                   lambda a: kernel, _partials_jvp(partials),
-                   _partials_vjp(partials, singular), doc=doc, sample=sample))
+                   lambda a: kernel, _partials_jvp(partials), _partials_vjp(partials),
+                   doc=doc))
 
 
 _binary_op("mul", np.multiply, lambda n, a, b: (b, a), doc="a * b", numeric=True)
 _binary_op("div", np.divide, lambda n, a, b: (A.reciprocal(b), A.neg(A.div(n, b))),
-           singular=True, doc="a / b (true division)", sample="b_nonzero")
+           doc="a / b (true division)")
 
 
 def _pow_partials(n, a, b):
-    # d/da = b * a**(b-1), defined as 0 where b == 0 (a**0 == 1 for every a).
-    da = A.where(A.eq(b, 0.0), 0.0, A.mul(b, A.pow(a, A.sub(b, 1.0))))
-    # d/db = a**b * log(a), defined as 0 where a == 0 (the limit for b > 0); the inner
-    # where keeps log away from 0 so no inf/NaN is formed even in the untaken branch.
-    a_is_0 = A.eq(a, 0.0)
-    db = A.where(a_is_0, 0.0, A.mul(n, A.log(A.where(a_is_0, 1.0, a))))
+    # d/da = b * a**(b-1): 0 where b == 0 (a**0 == 1 for every a, even a == 0).
+    da = A.mul_or_zero(b, A.pow(a, A.sub(b, 1.0)))
+    # d/db = a**b * log(a): defined as 0 where a == 0 (the limit for b > 0, where
+    # a**b == 0; also at 0**0); NaN for a < 0.
+    db = A.where(A.eq(a, 0.0), 0.0, A.mul_or_zero(n, A.log(a)))
     return da, db
 
 
-_binary_op("pow", np.power, _pow_partials, singular=True,
-           doc="a ** b (d/db is NaN for a < 0)", sample="a_positive")
+_binary_op("pow", np.power, _pow_partials, doc="a ** b (d/db is NaN for a < 0)")
 
 
 def _extremum_partials(cmp):
@@ -167,6 +162,23 @@ _binary_op("maximum", np.maximum, _extremum_partials(A.gt), numeric=True,
            doc="elementwise max; at ties each side gets 1/2 of the derivative")
 _binary_op("minimum", np.minimum, _extremum_partials(A.lt), numeric=True,
            doc="elementwise min; at ties each side gets 1/2 of the derivative")
+
+
+def _mul_or_zero(a, b):
+    out = np.multiply(a, b)
+    # 0 * b is NaN only when b is inf/NaN, so a product without NaN needs no fix-up;
+    # the scalar test is cheap, which matters on scalar-heavy graphs.
+    if (out != out) if out.ndim == 0 else np.isnan(out).any():
+        out = np.where(a == 0, np.zeros((), out.dtype), out)
+    return out
+
+
+# a * b, except exactly 0 where a == 0: the chain-rule product (see module docstring).
+# Its own derivatives keep the rule: d/da = b and d/db = a, each through mul_or_zero.
+register(OpDef(
+    "mul_or_zero", 2, binary("mul_or_zero", dtypes.FLOATS), lambda a: _mul_or_zero,
+    _partials_jvp(lambda n, a, b: (b, a)), _partials_vjp(lambda n, a, b: (b, a)),
+    doc="a * b, but exactly 0 where a == 0 (0 * inf = 0): the chain-rule product"))
 
 
 # -- comparisons and where ---------------------------------------------------------------

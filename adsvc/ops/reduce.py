@@ -93,11 +93,12 @@ def _ext_jvp(node, ts):
     t, = ts
     if t is None:
         return None
-    return A.sum(A.mul(t, _extremum_weights(node)), _axes(node), node.attr("keepdims"))
+    return A.sum(A.mul_or_zero(t, _extremum_weights(node)), _axes(node),
+                 node.attr("keepdims"))
 
 
 def _ext_vjp(node, ct):
-    return [A.mul(_expand(node, ct), _extremum_weights(node))]
+    return [A.mul_or_zero(_expand(node, ct), _extremum_weights(node))]
 
 
 def _logsumexp(x, axis=None, keepdims=False):
@@ -123,11 +124,11 @@ def _lse_jvp(node, ts):
     t, = ts
     if t is None:
         return None
-    return A.sum(A.mul(t, _softmax(node)), _axes(node), node.attr("keepdims"))
+    return A.sum(A.mul_or_zero(t, _softmax(node)), _axes(node), node.attr("keepdims"))
 
 
 def _lse_vjp(node, ct):
-    return [A.mul(_expand(node, ct), _softmax(node))]
+    return [A.mul_or_zero(_expand(node, ct), _softmax(node))]
 
 
 NUMERIC = dtypes.FLOATS | dtypes.INTS

@@ -40,8 +40,6 @@ class OpDef:
     vjp: Callable | None = None  # (node, ct: Node) -> list[Node|None], one per operand
     attrs: dict[str, Attr] = field(default_factory=dict)
     doc: str = ""
-    # Test hints for the op-table-driven tests (domain of valid float inputs etc.).
-    sample: Callable | None = None
 
     @property
     def differentiable(self) -> bool:

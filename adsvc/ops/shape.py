@@ -4,6 +4,7 @@ matmul. All are linear in their float operands, so their rules are plain linear 
 from __future__ import annotations
 
 import builtins
+import math
 
 import numpy as np
 
@@ -28,7 +29,7 @@ def _reshape_infer(ins, attrs):
     shape = list(attrs["shape"])
     if shape.count(-1) > 1 or builtins.any(d < -1 for d in shape):
         raise AttributeError_(f"op 'reshape': bad target shape {shape}")
-    known = int(np.prod([d for d in shape if d != -1], dtype=np.int64))
+    known = math.prod(d for d in shape if d != -1)
     if -1 in shape:
         if known == 0 or x.size % known:
             raise ShapeError(f"op 'reshape': cannot reshape {list(x.shape)} to {shape}")
@@ -290,7 +291,8 @@ def _scatter_kernel(attrs):
         out_shape = u.shape[:axis] + (size,) + u.shape[axis + k:]
         out = np.zeros(out_shape, dtype=u.dtype)
         moved = np.moveaxis(out, axis, 0)
-        flat_u = np.moveaxis(u.reshape(u.shape[:axis] + (-1,) + u.shape[axis + k:]), axis, 0)
+        flat_u = np.moveaxis(u.reshape(u.shape[:axis] + (idx.size,) + u.shape[axis + k:]),
+                             axis, 0)
         np.add.at(moved, idx.reshape(-1), flat_u)
         return out
     return bind

@@ -1,9 +1,10 @@
 """Algebraic simplification and constant folding (dead code vanishes by construction:
 a graph holds only the nodes reachable from its outputs).
 
-Rules are exact in IEEE arithmetic: x*1, x/1, x+0, x-0 (only when the shape does not
-change), neg(neg(x)), identity reshape/transpose/cast/broadcast, where on a constant
-condition, and folding of small all-constant subexpressions.
+Rules are exact in IEEE arithmetic, signed zeros included: x*1, x/1, x + (-0.0),
+x - (+0.0), (-0.0) - x = neg(x) (only when the shape does not change), neg(neg(x)),
+identity reshape/transpose/cast/broadcast, where on a constant condition, and folding
+of small all-constant subexpressions. (x + 0.0 is not x when x is -0.0.)
 """
 
 from __future__ import annotations
@@ -34,9 +35,16 @@ def _is(node, v) -> bool:
     return c is not None and c == v and not isinstance(c, np.bool_)
 
 
+def _is_zero(node, negative: bool) -> bool:
+    """All elements are zeros of the given sign (-0.0 is the identity of +, +0.0 of -)."""
+    c = _scalar_const(node)
+    return (c is not None and c == 0 and not isinstance(c, np.bool_)
+            and bool(np.signbit(c)) == negative)
+
+
 def _rewrite(n: Node) -> Node:
     op, ins = n.op, n.inputs
-    if op in ("mul",):
+    if op in ("mul", "mul_or_zero"):
         a, b = ins
         if _is(b, 1) and a.shape == n.shape:
             return a
@@ -44,11 +52,14 @@ def _rewrite(n: Node) -> Node:
             return b
     elif op in ("add", "sub"):
         a, b = ins
-        if _is(b, 0) and a.shape == n.shape:
+        integer = n.dtype not in ("float64", "float32")  # no signed zeros: any 0 will do
+        if a.shape == n.shape and (_is(b, 0) if integer else _is_zero(b, op == "add")):
             return a
-        if op == "add" and _is(a, 0) and b.shape == n.shape:
+        if op == "add" and b.shape == n.shape and (_is(a, 0) if integer else
+                                                    _is_zero(a, True)):
             return b
-        if op == "sub" and _is(a, 0) and b.shape == n.shape:
+        if op == "sub" and b.shape == n.shape and (_is(a, 0) if integer else
+                                                    _is_zero(a, True)):
             return A.neg(b)
     elif op == "div":
         if _is(ins[1], 1) and ins[0].shape == n.shape:

@@ -39,14 +39,18 @@ def check_feeds(inputs, feeds: Mapping[str, object]) -> list[np.ndarray]:
                     raise InputError(f"input {n.name!r}: values out of range for {n.dtype}",
                                      field=f"inputs.{n.name}")
             arr = np.asarray(v, dtype=want)
-        else:
+        else:  # Python numbers / (nested) lists
             try:
-                arr = np.asarray(v, dtype=want)
+                raw = np.asarray(v)
+                if raw.dtype.kind not in "biuf":
+                    raise TypeError(f"got {type(v).__name__} values that are not numbers "
+                                    "(or do not fit in 64 bits)")
+                arr = raw.astype(want)
+                exact = want.kind == "f" or np.array_equal(raw, arr)
             except (TypeError, ValueError, OverflowError) as e:
                 raise InputError(f"input {n.name!r} is not a {n.dtype} array: {e}",
                                  field=f"inputs.{n.name}") from None
-            if n.dtype in dtypes.INTS | {dtypes.BOOL} and not np.array_equal(
-                    np.asarray(v, dtype=float), arr):
+            if not exact:
                 raise InputError(f"input {n.name!r}: values are not exact {n.dtype}",
                                  field=f"inputs.{n.name}")
         if arr.shape != n.shape:

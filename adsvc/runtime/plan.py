@@ -27,6 +27,7 @@ class Plan:
         slot = {id(n): i for i, n in enumerate(nodes)}
         self.n_slots = len(nodes)
         self.input_slots = [slot[id(n)] for n in graph.inputs]
+        self._input_slot_set = set(self.input_slots)
         self.template: list = [None] * len(nodes)
         steps = []
         for n in nodes:
@@ -70,7 +71,14 @@ class Plan:
                     ) from None
                 for s in frees:
                     vals[s] = None
-        return {name: np.asarray(vals[s]) for name, s in self.outputs}
+        return {name: _owned(vals[s], s in self._input_slot_set) for name, s in self.outputs}
+
+
+def _owned(value, is_input: bool) -> np.ndarray:
+    """An output array the caller may modify: never a read-only view (broadcasts,
+    constants) and never the caller's own input array."""
+    a = np.asarray(value)
+    return a.copy() if is_input or not a.flags.writeable else a
 
 
 def evaluate(graph: Graph, feeds: Mapping[str, object]) -> dict[str, np.ndarray]:
