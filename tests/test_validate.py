@@ -123,6 +123,14 @@ def test_bad_constant_tensor():
     assert graph_from_proto(g).output("z").dtype == "int32"
 
 
+def test_constant_with_attributes_is_refused():
+    g = make([(2, "constant", [], {"axes": ints(0)})], inputs=[])
+    g.nodes[0].value.CopyFrom(ir_pb2.Tensor(dtype=F64, values=[1.0]))
+    with pytest.raises(AttributeError_, match="constant has no attributes") as e:
+        graph_from_proto(g)
+    assert e.value.field == "nodes[id=2]"
+
+
 def test_bad_feeds_are_named():
     g = ad.trace(lambda x, n: x * ad.cast(n, "float64"), x=ad.f64(3), n=ad.i64(3))
     c = ad.local()

@@ -22,6 +22,7 @@ from adsvc_client import dtypes
 from adsvc_client.errors import (
     AdsvcError,
     ArityError,
+    AttributeError_,
     CycleError,
     DTypeError,
     DuplicateIdError,
@@ -165,6 +166,9 @@ def build_graph(wire: WireGraph, max_nodes: int | None = None,
             if n.op == "constant":
                 if operands or n.value is None:
                     raise ArityError("a constant takes no operands and needs a value")
+                if n.attrs:
+                    raise AttributeError_("a constant has no attributes (got "
+                                          f"{', '.join(sorted(n.attrs))})")
                 node = constant(n.value)
             else:
                 if n.value is not None:
