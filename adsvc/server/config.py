@@ -32,7 +32,7 @@ class ServerConfig:
     threads: int = 8  # worker threads of the (synchronous) gRPC server per process
     max_concurrent_rpcs: int = 8  # adsvc calls in progress at once; more: RESOURCE_EXHAUSTED
     stream_idle_seconds: float = 60.0  # a stream idle this long (no message): cancelled
-    max_cache_nodes: int = 8_000_000  # compiled nodes held by the cache in total
+    max_cache_nodes: int = 2_000_000  # compiled nodes held in total (~0.8 KB each)
     grace_seconds: float = 10.0  # SIGTERM: how long in-flight calls may take to finish
     drain_seconds: float = 0.0  # SIGTERM: report NOT_SERVING this long before stopping
     token: str | None = None  # bearer token required on every call except health/reflection
