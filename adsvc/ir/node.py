@@ -13,6 +13,7 @@ from __future__ import annotations
 import math
 import threading
 import weakref
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -103,12 +104,18 @@ def make(op: str, inputs: tuple[Node, ...] | list[Node], attrs: dict | None = No
     inputs = tuple(inputs)
     frozen: Attrs = tuple(sorted((k, _freeze(v)) for k, v in (attrs or {}).items()))
     key = (op, inputs, _typed(frozen), label)  # the label is part of identity: no leaks
-    found = _TABLE.get(key)
-    if found is not None:
-        return found
-    dtype, shape, frozen = check_and_infer(op, inputs, frozen)
-    return _intern((op, inputs, _typed(frozen), label),
-                   lambda: _new(op, inputs, frozen, dtype, tuple(shape), label=label))
+    node = _TABLE.get(key)
+    if node is None:
+        dtype, shape, frozen = check_and_infer(op, inputs, frozen)
+        node = _intern((op, inputs, _typed(frozen), label),
+                       lambda: _new(op, inputs, frozen, dtype, tuple(shape), label=label))
+    return node if REWRITE is None else REWRITE(node)
+
+
+# Exact algebraic rewrites applied as nodes are built (installed by passes.simplify), so
+# graphs -- derivative graphs above all -- come out simplified instead of being rebuilt
+# by a later pass.
+REWRITE: Callable[[Node], Node] | None = None
 
 
 def input_node(name: str, dtype: str, shape: tuple[int, ...]) -> Node:

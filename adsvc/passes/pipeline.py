@@ -46,6 +46,9 @@ def differentiate(graph: Graph, mode="reverse", wrt=None, order: int = 1,
         raise InvalidRequestError("nothing to differentiate with respect to: the graph has "
                                   "no float inputs", field="wrt")
     targets = [k for k, n in graph.outputs if dtypes.is_float(n.dtype)]
+    # Nodes are simplified as they are built (see simplify.rewrite), so the derivative
+    # graphs need no second pass; the input graph gets one, which is also the guarantee
+    # for graphs built by other means.
     g = simplify(graph, check)
     for k, m in enumerate(modes, start=1):
         tag = "" if k == 1 else str(k)
@@ -54,5 +57,4 @@ def differentiate(graph: Graph, mode="reverse", wrt=None, order: int = 1,
         else:
             g, targets = vjp_graph(g, wrt_list, targets, seed=seed and k == 1, tag=tag,
                                    check=check)
-        g = simplify(g, check)
     return g

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from adsvc.ir import node as node_module
 from adsvc.ir.graph import Graph
 from adsvc.ir.node import Node, constant, make
 from adsvc.ops import api as A
@@ -89,7 +90,20 @@ def _rewrite(n: Node) -> Node:
     return n
 
 
+def rewrite(n: Node) -> Node:
+    """`n` rewritten to a fixed point."""
+    prev = None
+    while prev is not n:
+        prev, n = n, _rewrite(n)
+    return n
+
+
+node_module.REWRITE = rewrite  # nodes are simplified as they are built
+
+
 def simplify(graph: Graph, check: Checker = None) -> Graph:
+    """Rewrite every node (a no-op for graphs built after this module was imported, whose
+    nodes were rewritten as they were built; kept as the pass that guarantees it)."""
     new: dict[int, Node] = {}
     for k, node in enumerate(graph.nodes):
         if check is not None and k % CHECK_EVERY == 0:
@@ -100,8 +114,5 @@ def simplify(graph: Graph, check: Checker = None) -> Graph:
         ins = tuple(new[id(i)] for i in node.inputs)
         n = node if all(a is b for a, b in zip(ins, node.inputs)) else \
             make(node.op, ins, dict(node.attrs), label=node.label)
-        prev = None
-        while prev is not n:  # rewrite to a fixed point
-            prev, n = n, _rewrite(n)
-        new[id(node)] = n
+        new[id(node)] = rewrite(n)
     return Graph(graph.inputs, [(k, new[id(v)]) for k, v in graph.outputs], graph.name)
