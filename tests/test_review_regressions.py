@@ -141,8 +141,33 @@ def test_attribute_kinds_are_checked_exactly():
     assert ad.reshape(x, (np.int64(3), 2)).shape == (3, 2)
 
 
+@pytest.mark.parametrize("f", [lambda x: ad.where(x > 0.0, ad.sqrt(x), 0.0),
+                               lambda x: ad.where(x > 0.0, ad.log(x), 0.0),
+                               lambda x: ad.where(x > 0.0, x * ad.log(x), 0.0)])
+@pytest.mark.parametrize("modes", [("reverse", "reverse"), ("reverse", "forward"),
+                                   ("forward", "reverse"), ("forward", "forward")])
+def test_second_derivative_through_untaken_branch_is_zero(f, modes):
+    c = ad.local()
+    d = c.differentiate(ad.trace(f), modes, seed=modes[0] == "reverse")
+    feeds = {"x": 0.0}
+    feeds.update({k: 1.0 for k in d.input_names if k != "x"})
+    assert c.evaluate(d, feeds)[d.output_names[-1]] == 0.0
+
+
+def test_mul_or_zero_zero_factor_annihilates_either_way():
+    g = ad.trace(lambda a, b: ad.mul_or_zero(a, b))
+    _, tan = ad.local().jvp(g, {"a": 0.0, "b": 1.0}, {"a": 0.0, "b": np.inf})
+    assert tan["out"] == 0.0
+
+
 def test_simplify_keeps_signed_zeros():
     c = ad.local()
+    mixed = ad.trace(lambda x: x + ad.constant(np.array([-0.0, 0.0])), x=ad.f64(2))
+    out = c.evaluate(mixed, x=np.array([-0.0, -0.0]))["out"]
+    assert np.signbit(out).tolist() == [True, False]
+    mixed = ad.trace(lambda x: ad.constant(np.array([-0.0, 0.0])) - x, x=ad.f64(2))
+    out = c.evaluate(mixed, x=np.array([0.0, 0.0]))["out"]
+    assert np.signbit(out).tolist() == [True, False]
     assert c.evaluate(ad.trace(lambda x: 1.0 / (0.0 - x)), x=0.0)["out"] == np.inf
     assert c.evaluate(ad.trace(lambda x: 1.0 / (x + 0.0)), x=-0.0)["out"] == np.inf
     assert c.evaluate(ad.trace(lambda x: 1.0 / (x - 0.0)), x=-0.0)["out"] == -np.inf

@@ -192,8 +192,8 @@ def add_any(a: Node | None, b: Node | None) -> Node | None:
 
 
 def mul_or_zero(a, b) -> Node:
-    """`a * b`, exactly 0 where `a` is 0 (even if `b` is inf/NaN): the chain-rule product
-    of a tangent/cotangent `a` and a local derivative `b`."""
+    """`a * b`, exactly 0 where either factor is 0 (even if the other is inf/NaN): the
+    chain-rule product of a tangent/cotangent and a local derivative."""
     return _bin("mul_or_zero", a, b)
 
 

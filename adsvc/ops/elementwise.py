@@ -2,8 +2,8 @@
 
 Unary float ops are declared by their kernel and local derivative `d(x, y)` (y is the
 op's own output node): JVP = t * d, VJP = ct * d. Every such chain-rule product is a
-`mul_or_zero` node: exactly 0 where the tangent/cotangent is 0, even if the local
-derivative is inf or NaN there. That is what keeps the untaken branch of `where` (whose
+`mul_or_zero` node: exactly 0 where either factor is 0, even if the other is inf or NaN
+there. That is what keeps the untaken branch of `where` (whose
 cotangent is 0) from injecting NaN, and keeps forward mode finite where reverse mode is.
 
 Conventions at awkward points (documented in protos/README.md):
@@ -166,19 +166,21 @@ _binary_op("minimum", np.minimum, _extremum_partials(A.lt), numeric=True,
 
 def _mul_or_zero(a, b):
     out = np.multiply(a, b)
-    # 0 * b is NaN only when b is inf/NaN, so a product without NaN needs no fix-up;
-    # the scalar test is cheap, which matters on scalar-heavy graphs.
+    # 0 * inf is the only way a zero factor gives NaN, so a product without NaN needs no
+    # fix-up; the scalar test is cheap, which matters on scalar-heavy graphs.
     if (out != out) if out.ndim == 0 else np.isnan(out).any():
-        out = np.where(a == 0, np.zeros((), out.dtype), out)
+        out = np.where((a == 0) | (b == 0), np.zeros((), out.dtype), out)
     return out
 
 
-# a * b, except exactly 0 where a == 0: the chain-rule product (see module docstring).
-# Its own derivatives keep the rule: d/da = b and d/db = a, each through mul_or_zero.
+# a * b, except exactly 0 where either factor is 0 (0 * inf = inf * 0 = 0): the
+# chain-rule product (see module docstring). Being symmetric, its own derivatives keep
+# the rule: every term of its JVP/VJP is again a mul_or_zero product.
 register(OpDef(
     "mul_or_zero", 2, binary("mul_or_zero", dtypes.FLOATS), lambda a: _mul_or_zero,
     _partials_jvp(lambda n, a, b: (b, a)), _partials_vjp(lambda n, a, b: (b, a)),
-    doc="a * b, but exactly 0 where a == 0 (0 * inf = 0): the chain-rule product"))
+    doc="a * b, but exactly 0 where either factor is 0 (0 * inf = 0): the chain-rule "
+        "product"))
 
 
 # -- comparisons and where ---------------------------------------------------------------

@@ -37,10 +37,12 @@ def _is(node, v) -> bool:
 
 
 def _is_zero(node, negative: bool) -> bool:
-    """All elements are zeros of the given sign (-0.0 is the identity of +, +0.0 of -)."""
-    c = _scalar_const(node)
-    return (c is not None and c == 0 and not isinstance(c, np.bool_)
-            and bool(np.signbit(c)) == negative)
+    """Every element is a zero of the given sign (-0.0 is the identity of +, +0.0 of -)."""
+    while node.op == "broadcast_to":
+        node = node.inputs[0]
+    v = node.value
+    return (node.op == "constant" and v.dtype.kind == "f" and v.size > 0
+            and not v.any() and bool((np.signbit(v) == negative).all()))
 
 
 def _rewrite(n: Node) -> Node:
