@@ -160,6 +160,13 @@ def test_mul_or_zero_zero_factor_annihilates_either_way():
     assert tan["out"] == 0.0
 
 
+@pytest.mark.parametrize("mode", MODES)
+def test_jacobian_of_a_graph_without_float_outputs_is_an_error(mode):
+    g = ad.trace(lambda x: ad.cast(x, "int64"), x=ad.f64(2))
+    with pytest.raises(InvalidRequestError, match="no float output"):
+        ad.local().jacobian(g, mode=mode, x=np.ones(2))
+
+
 def test_simplify_keeps_signed_zeros():
     c = ad.local()
     mixed = ad.trace(lambda x: x + ad.constant(np.array([-0.0, 0.0])), x=ad.f64(2))

@@ -152,6 +152,9 @@ class ClientBase:
         if mode not in ("forward", "reverse"):
             raise InvalidRequestError(f"unknown mode {mode!r}", field="mode")
         c = self._compile(g, (mode,), _wrt_tuple(wrt), False, timeout)
+        if not any(dtypes.is_float(t[0]) for k, t in c.outputs.items() if ":" not in k):
+            raise InvalidRequestError("the graph has no float output to differentiate",
+                                      field="outputs")
         seeds = "tangent:" if mode == "forward" else "cotangent:"
         seed_names = [k for k in c.inputs if k.startswith(seeds)]
         base = {k: _zeros(c.inputs[k]) for k in seed_names}
