@@ -47,3 +47,14 @@ def test_readme_python_example_runs_and_its_comments_are_true():
     assert grads == {"x": 10.0, "y": 3.0}
     assert {k: {i: float(np.asarray(v)) for i, v in row.items()}
             for k, row in c.jacobian(g, x=3.0, y=4.0).items()} == {"out": {"x": 10.0, "y": 3.0}}
+
+
+def test_readme_server_example_runs_against_a_real_server(capsys):
+    from service_fixtures import running_server
+
+    text = (ROOT / "README.md").read_text()
+    block = text.split("```python\n")[2].split("```", 1)[0]
+    assert "127.0.0.1:50051" in block
+    with running_server() as (_, target):
+        exec(compile(block.replace("127.0.0.1:50051", target), "README.md", "exec"), {})
+    assert capsys.readouterr().out.strip() == "(array(23.), {'x': array(10.), 'y': array(3.)})"
