@@ -45,6 +45,11 @@ def _one_hot(dtype: str, shape, flat_index: int) -> np.ndarray:
     return a.reshape(shape)
 
 
+def _ordered(out: Mapping[str, Any], c: Compiled) -> dict[str, Any]:
+    """Results in the graph's output order (a server's map has none)."""
+    return {k: out[k] for k in c.outputs if k in out}
+
+
 def _zeros(sig: TypeSig) -> np.ndarray:
     return np.zeros(sig[1], dtype=dtypes.to_numpy(sig[0]))
 
@@ -70,7 +75,7 @@ class ClientBase:
                  timeout: float | None = None, **kw) -> dict[str, np.ndarray]:
         """{output name: value} of graph `g` at the given inputs."""
         c = self._compile(g, (), None, False, timeout)
-        return self._run(c, {**(inputs or {}), **kw}, timeout)
+        return _ordered(self._run(c, {**(inputs or {}), **kw}, timeout), c)
 
     def differentiate(self, g, mode="reverse", wrt=None, order: int | None = None, *,
                       seed: bool = False, timeout: float | None = None):
@@ -92,7 +97,7 @@ class ClientBase:
         wrt = _wrt_tuple(wrt)
         if mode == "reverse":
             c = self._compile(g, ("reverse",), wrt, True, timeout)
-            out = self._run(c, feeds, timeout)
+            out = _ordered(self._run(c, feeds, timeout), c)
             name = self._scalar_output(c)
             return out[name], {k[5:]: v for k, v in out.items() if k.startswith("grad:")}
         if mode != "forward":
@@ -234,6 +239,7 @@ class ClientBase:
 
     @staticmethod
     def _split(out: dict, c: Compiled, prefix: str):
+        out = _ordered(out, c)
         primal = {k: v for k, v in out.items() if ":" not in k}
         derived = {k[len(prefix):]: v for k, v in out.items() if k.startswith(prefix)}
         return primal, derived
