@@ -7,6 +7,7 @@ numbers nodes by their position in `Graph.nodes`; evaluation errors use the same
 
 from __future__ import annotations
 
+from adsvc.interrupt import CHECK_EVERY
 from adsvc.ir.graph import Graph
 from adsvc.passes.validate import (
     IR_VERSION,
@@ -75,7 +76,7 @@ def proto_to_wire(g: ir_pb2.Graph, max_elements: int | None = None, check=None) 
         inputs.append(WireInput(p.id, p.name, dt, tuple(p.type.dims)))
     nodes = []
     for i, p in enumerate(g.nodes):
-        if check is not None and i % 256 == 0:
+        if check is not None and i % CHECK_EVERY == 0:
             check()
         where = f"nodes[id={p.id}]"
         attrs = {k: _attr_from_proto(v, f"{where}.attrs.{k}") for k, v in p.attrs.items()}

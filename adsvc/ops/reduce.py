@@ -29,12 +29,12 @@ def _infer(name, allowed, out=None):
         if name in ("max", "min", "logsumexp"):
             for a in axes:
                 if x.shape[a] == 0:
-                    raise A_shape_error(name, x, a)
+                    raise _empty_axis_error(name, x, a)
         return out or dt, reduced_shape(x.shape, axes, attrs["keepdims"])
     return infer
 
 
-def A_shape_error(name, x, a):
+def _empty_axis_error(name, x, a):
     from adsvc_client.errors import ShapeError
     return ShapeError(f"op {name!r}: cannot reduce empty axis {a} of shape {list(x.shape)}")
 

@@ -18,12 +18,11 @@ from adsvc_client import dtypes
 from adsvc_client.errors import ArityError, AttributeError_, UnknownOpError
 
 REQUIRED = object()
-ATTR_KINDS = ("int", "float", "str", "bool", "ints", "dtype")
 
 
 @dataclass(frozen=True)
 class Attr:
-    kind: str  # one of ATTR_KINDS
+    kind: str  # "int", "float", "str", "bool", "ints" or "dtype"
     default: Any = REQUIRED
     doc: str = ""
 

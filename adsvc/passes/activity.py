@@ -7,7 +7,7 @@ on it. Only active nodes get tangents or cotangents.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 
 from adsvc.ir.graph import Graph
@@ -15,9 +15,6 @@ from adsvc.ir.node import Node
 from adsvc.ops.registry import OPS
 from adsvc_client import dtypes
 from adsvc_client.errors import AdsvcError, InvalidRequestError, NotDifferentiableError
-
-CHECK_EVERY = 256  # nodes between calls of a pass's `check` callback (deadlines)
-Checker = Callable[[], None] | None
 
 
 def check_new_names(graph: Graph, inputs: list[str], outputs: list[str]) -> None:

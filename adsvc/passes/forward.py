@@ -6,13 +6,12 @@ target output (k is empty for the first derivative pass, else the pass number).
 
 from __future__ import annotations
 
+from adsvc.interrupt import CHECK_EVERY, Checker
 from adsvc.ir.graph import Graph
 from adsvc.ir.node import Node, input_node
 from adsvc.ops import api as A
 from adsvc.ops.registry import OPS
 from adsvc.passes.activity import (
-    CHECK_EVERY,
-    Checker,
     active_nodes,
     check_new_names,
     naming_node,

@@ -2,35 +2,18 @@
 
 from __future__ import annotations
 
+from adsvc.interrupt import Checker
 from adsvc.ir.graph import Graph
-from adsvc.passes.activity import Checker, wrt_nodes
+from adsvc.passes.activity import wrt_nodes
 from adsvc.passes.forward import jvp_graph
 from adsvc.passes.reverse import vjp_graph
 from adsvc.passes.simplify import simplify
 from adsvc_client import dtypes
+from adsvc_client.api import normalize_modes
 from adsvc_client.errors import InvalidRequestError
 
-MODES = ("forward", "reverse")
 
-
-def normalize_modes(mode, order: int) -> list[str]:
-    """`mode` is "forward", "reverse" or a sequence with one mode per order."""
-    if isinstance(order, bool) or not isinstance(order, int) or order < 1:
-        raise InvalidRequestError(f"order must be an integer >= 1, got {order!r}",
-                                  field="order")
-    modes = [mode] * order if isinstance(mode, str) else list(mode)
-    if len(modes) == 1 and order > 1:
-        modes = modes * order
-    if len(modes) != order:
-        raise InvalidRequestError(f"{len(modes)} modes given for order {order}", field="mode")
-    for m in modes:
-        if m not in MODES:
-            raise InvalidRequestError(f"unknown mode {m!r} (use 'forward' or 'reverse')",
-                                      field="mode")
-    return modes
-
-
-def differentiate(graph: Graph, mode="reverse", wrt=None, order: int = 1,
+def differentiate(graph: Graph, mode="reverse", wrt=None, order: int | None = None,
                   seed: bool = False, check: Checker = None) -> Graph:
     """The differentiated graph; see protos/README.md for the names it adds.
 

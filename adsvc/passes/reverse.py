@@ -9,13 +9,12 @@ primal nodes, so evaluation computes every forward value once and shares it.
 
 from __future__ import annotations
 
+from adsvc.interrupt import CHECK_EVERY, Checker
 from adsvc.ir.graph import Graph
 from adsvc.ir.node import Node, input_node
 from adsvc.ops import api as A
 from adsvc.ops.registry import OPS
 from adsvc.passes.activity import (
-    CHECK_EVERY,
-    Checker,
     active_nodes,
     check_new_names,
     naming_node,

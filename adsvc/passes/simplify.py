@@ -11,12 +11,12 @@ from __future__ import annotations
 
 import numpy as np
 
+from adsvc.interrupt import CHECK_EVERY, Checker
 from adsvc.ir import node as node_module
 from adsvc.ir.graph import Graph
 from adsvc.ir.node import Node, constant, make
 from adsvc.ops import api as A
 from adsvc.ops.registry import OPS
-from adsvc.passes.activity import CHECK_EVERY, Checker
 
 FOLD_LIMIT = 64  # fold constant subexpressions with at most this many elements
 

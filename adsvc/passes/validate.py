@@ -15,12 +15,12 @@ from typing import Any
 import networkx as nx
 import numpy as np
 
+from adsvc.interrupt import CHECK_EVERY
 from adsvc.ir.graph import Graph
 from adsvc.ir.node import Node, constant, input_node, make
 from adsvc.ops.registry import OPS, check_shape
 from adsvc_client import dtypes
 from adsvc_client.errors import (
-    AdsvcError,
     ArityError,
     AttributeError_,
     CycleError,
@@ -89,7 +89,6 @@ def _find_cycle(wire: WireGraph, start: int) -> list[int] | None:
     return [u for u, _ in edges]
 
 
-CHECK_EVERY = 256  # nodes between calls of the `check` callback
 
 
 def check_node_count(n: int, max_nodes: int | None) -> None:
@@ -199,5 +198,3 @@ def build_graph(wire: WireGraph, max_nodes: int | None = None,
         raise InvalidGraphError("the graph has no outputs", field="outputs")
     return Graph(inputs, outputs, wire.name)
 
-
-__all__ = ["WireGraph", "WireInput", "WireNode", "build_graph", "AdsvcError"]

@@ -12,12 +12,11 @@ from collections.abc import Callable, Mapping
 
 import numpy as np
 
+from adsvc.interrupt import CHECK_EVERY
 from adsvc.ir.graph import Graph
 from adsvc.ops.registry import OPS
 from adsvc.runtime.feeds import check_feeds
 from adsvc_client.errors import EvaluationError
-
-CHECK_EVERY = 256  # steps between calls of the `interrupt` callback
 
 
 class Plan:
@@ -25,7 +24,6 @@ class Plan:
         self.graph = graph
         nodes = graph.nodes
         slot = {id(n): i for i, n in enumerate(nodes)}
-        self.n_slots = len(nodes)
         self.input_slots = [slot[id(n)] for n in graph.inputs]
         self._input_slot_set = set(self.input_slots)
         self.template: list = [None] * len(nodes)
@@ -80,6 +78,3 @@ def _owned(value, is_input: bool) -> np.ndarray:
     a = np.asarray(value)
     return a.copy() if is_input or not a.flags.writeable else a
 
-
-def evaluate(graph: Graph, feeds: Mapping[str, object]) -> dict[str, np.ndarray]:
-    return Plan(graph).run(feeds)

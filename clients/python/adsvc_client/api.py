@@ -33,6 +33,31 @@ class Compiled:
     graph: Any = None  # the graph object, in the concrete client's representation
 
 
+MODES = ("forward", "reverse")
+
+
+def normalize_modes(mode, order: int | None = None) -> tuple[str, ...]:
+    """One mode per differentiation pass. `mode` is "forward", "reverse" or a sequence
+    of them; a single mode is repeated `order` times; `order` defaults to the number of
+    modes given."""
+    if order is None:
+        order = 1 if isinstance(mode, str) else len(tuple(mode))
+    if isinstance(order, bool) or not isinstance(order, int) or order < 1:
+        raise InvalidRequestError(f"order must be an integer >= 1, got {order!r}",
+                                  field="order")
+    modes = (mode,) if isinstance(mode, str) else tuple(mode)
+    if len(modes) == 1:
+        modes *= order
+    if len(modes) != order:
+        raise InvalidRequestError(f"{len(modes)} modes given for order {order}",
+                                  field="mode")
+    for m in modes:
+        if m not in MODES:
+            raise InvalidRequestError(f"unknown mode {m!r} (use 'forward' or 'reverse')",
+                                      field="mode")
+    return modes
+
+
 def _wrt_tuple(wrt) -> tuple[str, ...] | None:
     if wrt is None:
         return None
@@ -86,7 +111,7 @@ class ClientBase:
         `seed` makes a first reverse pass a plain gradient of
         a single scalar output (no cotangent input).
         """
-        modes = self._modes(mode, order)
+        modes = normalize_modes(mode, order)
         return self._compile(g, modes, _wrt_tuple(wrt), seed, timeout).graph
 
     def value_and_grad(self, g, wrt=None, mode: str = "reverse",
@@ -213,19 +238,6 @@ class ClientBase:
                      for xj, a in row.items()} for xi, row in h.items()}
 
     # -- helpers -----------------------------------------------------------------------
-    @staticmethod
-    def _modes(mode, order) -> tuple[str, ...]:
-        if order is None:
-            order = 1 if isinstance(mode, str) else len(tuple(mode))
-        if isinstance(order, bool) or not isinstance(order, int) or order < 1:
-            raise InvalidRequestError(f"order must be an integer >= 1, got {order!r}",
-                                      field="order")
-        modes = (mode,) * order if isinstance(mode, str) else tuple(mode)
-        if len(modes) != order:
-            raise InvalidRequestError(f"{len(modes)} modes given for order {order}",
-                                      field="mode")
-        return modes
-
     @staticmethod
     def _scalar_output(c: Compiled) -> str:
         primal = [k for k in c.outputs if ":" not in k]

@@ -27,7 +27,7 @@ from adsvc_client.proto import ir_pb2, service_pb2, service_pb2_grpc
 from adsvc_client.tensors import dtype_from_enum, from_tensor, to_tensor
 
 SERVICE = "adsvc.v1.AutodiffService"
-MODES = {"forward": service_pb2.MODE_FORWARD, "reverse": service_pb2.MODE_REVERSE}
+MODE_ENUM = {"forward": service_pb2.MODE_FORWARD, "reverse": service_pb2.MODE_REVERSE}
 DEFAULT_MAX_MESSAGE_BYTES = 64 * 1024 * 1024
 FALLBACK_STREAM_FEEDS = 1024  # feeds per stream when the server's limit is unknown
 
@@ -212,12 +212,8 @@ class RemoteClient(ClientBase):
             graph=graph, differentiation=diff, omit_graph=omit_graph), timeout)
 
     def _compile(self, g, modes, wrt, seed, timeout) -> Compiled:
-        graph = _graph_proto(g)
-        for m in modes:
-            if m not in MODES:
-                raise E.InvalidRequestError(f"unknown mode {m!r} (use 'forward' or 'reverse')",
-                                            field="mode")
-        diff = service_pb2.Differentiation(modes=[MODES[m] for m in modes],
+        graph = _graph_proto(g)  # modes were checked by ClientBase (normalize_modes)
+        diff = service_pb2.Differentiation(modes=[MODE_ENUM[m] for m in modes],
                                            wrt=list(wrt or ()), seed=bool(seed))
         key = (hashlib.sha256(graph.SerializeToString(deterministic=True)).digest(),
                tuple(modes), None if wrt is None else tuple(wrt), bool(seed))
