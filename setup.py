@@ -1,7 +1,7 @@
 """Build hook: generate the protobuf/gRPC Python modules from protos/ at build time.
 
 The generated modules are never committed. They are written into the SDK package
-(clients/python/adsvc_client/proto/), which owns the wire protocol, with their
+(clients/python/adsvc_protocol/proto/), the ground floor every layer imports, with their
 cross-file imports made package-relative so the package can live anywhere.
 """
 
@@ -18,7 +18,7 @@ from protogen import generate  # noqa: E402
 
 class BuildWithProtos(build_py):
     def run(self):
-        generate(ROOT / "protos", ROOT / "clients" / "python" / "adsvc_client" / "proto")
+        generate(ROOT / "protos", ROOT / "clients" / "python" / "adsvc_protocol" / "proto")
         super().run()
 
 

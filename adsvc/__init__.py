@@ -68,7 +68,7 @@ from adsvc.ops.api import (  # noqa: F401
 )
 from adsvc.passes.pipeline import differentiate
 from adsvc.tracer import Spec, boolean, f32, f64, i32, i64, trace
-from adsvc_client.errors import AdsvcError
+from adsvc_protocol.errors import AdsvcError
 
 __version__ = "0.1.0"
 

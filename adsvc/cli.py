@@ -106,7 +106,7 @@ def _parse_value(name: str, text: str) -> np.ndarray:
 
 def _feed(name: str, value: np.ndarray, dtype: str, shape: tuple[int, ...]) -> np.ndarray:
     """`value` converted to an input's declared dtype, refusing lossy conversions."""
-    from adsvc_client import dtypes
+    from adsvc_protocol import dtypes
 
     np_dtype = np.dtype(dtypes.to_numpy(dtype))
     if value.dtype == np_dtype:
@@ -309,7 +309,7 @@ def _modes(text: str | None, order: int | None) -> tuple[str, ...] | None:
 
 
 def _single_scalar_float(graph) -> bool:
-    from adsvc_client import dtypes
+    from adsvc_protocol import dtypes
 
     floats = [n for _, n in graph.outputs if dtypes.is_float(n.dtype)]
     return len(floats) == 1 and floats[0].shape == ()
@@ -484,7 +484,7 @@ def describe(e: BaseException) -> tuple[str, int]:
     """A one-line message and exit status for an exception raised by a command."""
     from adsvc.expr import ExprError
     from adsvc.graphfile import GraphFileError
-    from adsvc_client.errors import AdsvcError
+    from adsvc_protocol.errors import AdsvcError
 
     if isinstance(e, CLIError):
         return str(e), e.code

@@ -19,8 +19,8 @@ import numpy as np
 from adsvc.ir.graph import Graph
 from adsvc.ir.node import Node, constant, input_node
 from adsvc.ops import api
-from adsvc_client import dtypes
-from adsvc_client.errors import AdsvcError
+from adsvc_protocol import dtypes
+from adsvc_protocol.errors import AdsvcError
 
 MAX_LENGTH = 100_000  # characters; longer text is refused before parsing
 

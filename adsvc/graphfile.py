@@ -14,7 +14,7 @@ from google.protobuf.message import DecodeError
 
 from adsvc.ir.codec import graph_from_proto
 from adsvc.ir.graph import Graph
-from adsvc_client.proto import ir_pb2
+from adsvc_protocol.proto import ir_pb2
 
 EXTENSIONS = (".pb", ".json")
 

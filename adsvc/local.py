@@ -11,9 +11,9 @@ from adsvc.ir.graph import Graph
 from adsvc.passes.pipeline import differentiate
 from adsvc.passes.simplify import simplify
 from adsvc.runtime.plan import Plan
-from adsvc_client.api import ClientBase, Compiled
-from adsvc_client.errors import DeadlineExceededError, InvalidRequestError
-from adsvc_client.proto import ir_pb2
+from adsvc_protocol.client import ClientBase, Compiled
+from adsvc_protocol.errors import DeadlineExceededError, InvalidRequestError
+from adsvc_protocol.proto import ir_pb2
 
 
 def as_graph(g) -> Graph:

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from adsvc.ir.graph import Graph
 from adsvc.ir.node import Node, input_node
 from adsvc.ops.api import lift
-from adsvc_client import dtypes
+from adsvc_protocol import dtypes
 
 
 @dataclass(frozen=True)

@@ -16,7 +16,7 @@ import grpc
 
 from adsvc.server.app import create_server
 from adsvc.server.config import ServerConfig
-from adsvc_client.proto import ir_pb2, service_pb2_grpc
+from adsvc_protocol.proto import ir_pb2, service_pb2_grpc
 
 ROOT = Path(__file__).resolve().parent.parent
 F64 = ir_pb2.DTYPE_FLOAT64

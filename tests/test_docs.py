@@ -20,7 +20,7 @@ def test_hand_written_json_example_in_protos_readme_works():
     from google.protobuf import json_format
 
     from adsvc.ir.codec import graph_from_proto
-    from adsvc_client.proto import ir_pb2
+    from adsvc_protocol.proto import ir_pb2
 
     text = (ROOT / "protos" / "README.md").read_text()
     block = text.split("```json\n", 1)[1].split("```", 1)[0]

@@ -15,8 +15,8 @@ import pytest
 from service_fixtures import channel, running_server, sin_chain, stub
 
 import adsvc
-from adsvc_client.proto import service_pb2 as S
-from adsvc_client.tensors import to_tensor
+from adsvc_protocol.proto import service_pb2 as S
+from adsvc_protocol.tensors import to_tensor
 
 STEPS = 3000
 SIZE = 200_000

@@ -28,9 +28,9 @@ from adsvc.errors import (
     VersionError,
 )
 from adsvc.server.config import ServerConfig
-from adsvc_client.proto import ir_pb2
-from adsvc_client.proto import service_pb2 as S
-from adsvc_client.tensors import from_tensor, to_tensor
+from adsvc_protocol.proto import ir_pb2
+from adsvc_protocol.proto import service_pb2 as S
+from adsvc_protocol.tensors import from_tensor, to_tensor
 
 INVALID, EXHAUSTED = grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.RESOURCE_EXHAUSTED
 LIMITS = ServerConfig(max_nodes=50, max_tensor_elements=1000, max_message_bytes=256 * 1024,

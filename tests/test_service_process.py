@@ -11,8 +11,8 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from service_fixtures import ServerProcess, channel, seed_graph, sin_chain, stub
 
 import adsvc
-from adsvc_client.proto import service_pb2 as S
-from adsvc_client.tensors import from_tensor, to_tensor
+from adsvc_protocol.proto import service_pb2 as S
+from adsvc_protocol.tensors import from_tensor, to_tensor
 
 IN_FLIGHT = 4
 STEPS, SIZE = 400, 100_000  # ~1 s of work per call on an idle core

@@ -18,8 +18,8 @@ import adsvc
 from adsvc.server.app import add_serve_arguments, config_from_args
 from adsvc.server.cache import LRUCache
 from adsvc.server.config import ServerConfig
-from adsvc_client.proto import ir_pb2
-from adsvc_client.proto import service_pb2 as S
+from adsvc_protocol.proto import ir_pb2
+from adsvc_protocol.proto import service_pb2 as S
 
 F64 = ir_pb2.DTYPE_FLOAT64
 FEEDS = {"x": ir_pb2.Tensor(dtype=F64, values=[3.0]), "y": ir_pb2.Tensor(dtype=F64, values=[4.0])}
@@ -162,7 +162,7 @@ def test_overflowing_element_counts_are_typed_errors(limit, dims):
 def test_element_counts_are_exact():
     from adsvc.ir.codec import graph_from_proto
     from adsvc.server.compiler import check_elements
-    from adsvc_client.errors import AdsvcError, LimitExceededError
+    from adsvc_protocol.errors import AdsvcError, LimitExceededError
 
     g = hand_graph([(0, "x", [2**62 + 1, 4])], [(1, "sum", [0])], [("z", 1)])
     try:

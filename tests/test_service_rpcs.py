@@ -12,8 +12,8 @@ import adsvc
 from adsvc.ops.registry import OPS
 from adsvc.passes.validate import IR_VERSION, OPSET_VERSION
 from adsvc.server.config import ServerConfig
-from adsvc_client.proto import service_pb2 as S
-from adsvc_client.tensors import from_tensor, to_tensor
+from adsvc_protocol.proto import service_pb2 as S
+from adsvc_protocol.tensors import from_tensor, to_tensor
 
 XY = {"x": to_tensor(3.0), "y": to_tensor(4.0)}
 

@@ -20,8 +20,8 @@ from adsvc.errors import (
     VersionError,
 )
 from adsvc.ir.codec import graph_from_proto, graph_to_proto
-from adsvc_client.proto import ir_pb2
-from adsvc_client.tensors import to_tensor
+from adsvc_protocol.proto import ir_pb2
+from adsvc_protocol.tensors import to_tensor
 
 F64 = ir_pb2.DTYPE_FLOAT64
 

@@ -18,9 +18,9 @@ from adsvc.passes.validate import (
     build_graph,
     check_node_count,
 )
-from adsvc_client.errors import AttributeError_, InvalidGraphError
-from adsvc_client.proto import ir_pb2
-from adsvc_client.tensors import TO_ENUM, dtype_from_enum, from_tensor, to_tensor
+from adsvc_protocol.errors import AttributeError_, InvalidGraphError
+from adsvc_protocol.proto import ir_pb2
+from adsvc_protocol.tensors import TO_ENUM, dtype_from_enum, from_tensor, to_tensor
 
 
 def _attr_to_proto(v) -> ir_pb2.AttrValue:

@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from adsvc_client import dtypes
+from adsvc_protocol import dtypes
 
 Attrs = tuple[tuple[str, Any], ...]
 

@@ -22,7 +22,7 @@ def lift(v, like: Node | None = None) -> Node:
         converted = value.astype(like.dtype)
         if like.dtype not in ("float64", "float32") and not (
                 np.isfinite(value) and converted == value):
-            from adsvc_client.errors import DTypeError
+            from adsvc_protocol.errors import DTypeError
 
             raise DTypeError(f"the number {v!r} is not exactly a {like.dtype}: cast the "
                              f"{like.dtype} operand first (adsvc.cast(x, 'float64'))")

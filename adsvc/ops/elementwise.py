@@ -19,7 +19,7 @@ import numpy as np
 from adsvc.ops import api as A
 from adsvc.ops.registry import OpDef, register
 from adsvc.ops.rules import binary, float_unary, numeric_unary
-from adsvc_client import dtypes
+from adsvc_protocol import dtypes
 
 NUMERIC = dtypes.FLOATS | dtypes.INTS
 
@@ -200,7 +200,7 @@ for _n, _k in [("lt", np.less), ("le", np.less_equal), ("gt", np.greater),
 
 def _where_infer(ins, attrs):
     from adsvc.ops.rules import broadcast_shapes, same_dtype
-    from adsvc_client.errors import DTypeError
+    from adsvc_protocol.errors import DTypeError
 
     c, a, b = ins
     if c.dtype != dtypes.BOOL:

@@ -6,7 +6,7 @@ import numpy as np
 
 from adsvc.ops import api as A
 from adsvc.ops.registry import Attr, OpDef, register
-from adsvc_client import dtypes
+from adsvc_protocol import dtypes
 
 
 def _no_infer(ins, attrs):  # constants are built by ir.node.constant, never by make()

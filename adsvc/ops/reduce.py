@@ -11,7 +11,7 @@ import numpy as np
 from adsvc.ops import api as A
 from adsvc.ops.registry import Attr, OpDef, register
 from adsvc.ops.rules import norm_axes, reduced_shape, same_dtype
-from adsvc_client import dtypes
+from adsvc_protocol import dtypes
 
 ATTRS = {"axes": Attr("ints", None, "axes to reduce; absent = all"),
          "keepdims": Attr("bool", False, "keep reduced axes with size 1")}
@@ -35,7 +35,7 @@ def _infer(name, allowed, out=None):
 
 
 def _empty_axis_error(name, x, a):
-    from adsvc_client.errors import ShapeError
+    from adsvc_protocol.errors import ShapeError
     return ShapeError(f"op {name!r}: cannot reduce empty axis {a} of shape {list(x.shape)}")
 
 

@@ -14,8 +14,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from adsvc_client import dtypes
-from adsvc_client.errors import ArityError, AttributeError_, UnknownOpError
+from adsvc_protocol import dtypes
+from adsvc_protocol.errors import ArityError, AttributeError_, UnknownOpError
 
 REQUIRED = object()
 
@@ -113,7 +113,7 @@ MAX_ELEMENTS = 2**62  # beyond this, element counts and byte sizes overflow int6
 
 def check_shape(what: str, shape: tuple[int, ...]) -> None:
     """Every dimension >= 0 and the element count representable (exact Python ints)."""
-    from adsvc_client.errors import ShapeError
+    from adsvc_protocol.errors import ShapeError
 
     if any(d < 0 for d in shape):
         raise ShapeError(f"{what}: negative dimension in {list(shape)}")

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from adsvc_client import dtypes
-from adsvc_client.errors import AttributeError_, DTypeError, ShapeError
+from adsvc_protocol import dtypes
+from adsvc_protocol.errors import AttributeError_, DTypeError, ShapeError
 
 
 def _desc(nodes) -> str:

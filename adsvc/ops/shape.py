@@ -11,8 +11,8 @@ import numpy as np
 from adsvc.ops import api as A
 from adsvc.ops.registry import Attr, OpDef, register
 from adsvc.ops.rules import broadcast_shapes, norm_axis, same_dtype
-from adsvc_client import dtypes
-from adsvc_client.errors import AttributeError_, DTypeError, ShapeError
+from adsvc_protocol import dtypes
+from adsvc_protocol.errors import AttributeError_, DTypeError, ShapeError
 
 
 def _linear(op_fn):

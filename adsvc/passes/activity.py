@@ -13,8 +13,8 @@ from contextlib import contextmanager
 from adsvc.ir.graph import Graph
 from adsvc.ir.node import Node
 from adsvc.ops.registry import OPS
-from adsvc_client import dtypes
-from adsvc_client.errors import AdsvcError, InvalidRequestError, NotDifferentiableError
+from adsvc_protocol import dtypes
+from adsvc_protocol.errors import AdsvcError, InvalidRequestError, NotDifferentiableError
 
 
 def check_new_names(graph: Graph, inputs: list[str], outputs: list[str]) -> None:

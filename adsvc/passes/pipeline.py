@@ -8,9 +8,9 @@ from adsvc.passes.activity import wrt_nodes
 from adsvc.passes.forward import jvp_graph
 from adsvc.passes.reverse import vjp_graph
 from adsvc.passes.simplify import simplify
-from adsvc_client import dtypes
-from adsvc_client.api import normalize_modes
-from adsvc_client.errors import InvalidRequestError
+from adsvc_protocol import dtypes
+from adsvc_protocol.client import normalize_modes
+from adsvc_protocol.errors import InvalidRequestError
 
 
 def differentiate(graph: Graph, mode="reverse", wrt=None, order: int | None = None,

@@ -19,7 +19,7 @@ from adsvc.passes.activity import (
     check_new_names,
     naming_node,
 )
-from adsvc_client.errors import InvalidRequestError
+from adsvc_protocol.errors import InvalidRequestError
 
 
 def vjp_graph(graph: Graph, wrt: list[Node], targets: list[str], seed: bool = False,

@@ -19,8 +19,8 @@ from adsvc.interrupt import CHECK_EVERY
 from adsvc.ir.graph import Graph
 from adsvc.ir.node import Node, constant, input_node, make
 from adsvc.ops.registry import OPS, check_shape
-from adsvc_client import dtypes
-from adsvc_client.errors import (
+from adsvc_protocol import dtypes
+from adsvc_protocol.errors import (
     ArityError,
     AttributeError_,
     CycleError,
@@ -92,7 +92,7 @@ def _find_cycle(wire: WireGraph, start: int) -> list[int] | None:
 
 
 def check_node_count(n: int, max_nodes: int | None) -> None:
-    from adsvc_client.errors import LimitExceededError
+    from adsvc_protocol.errors import LimitExceededError
 
     if max_nodes is not None and n > max_nodes:
         raise LimitExceededError(f"graph has {n} nodes; the limit is {max_nodes}",

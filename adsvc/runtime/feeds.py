@@ -6,8 +6,8 @@ from collections.abc import Mapping
 
 import numpy as np
 
-from adsvc_client import dtypes
-from adsvc_client.errors import InputError
+from adsvc_protocol import dtypes
+from adsvc_protocol.errors import InputError
 
 
 def check_feeds(inputs, feeds: Mapping[str, object]) -> list[np.ndarray]:

@@ -16,7 +16,7 @@ from adsvc.interrupt import CHECK_EVERY
 from adsvc.ir.graph import Graph
 from adsvc.ops.registry import OPS
 from adsvc.runtime.feeds import check_feeds
-from adsvc_client.errors import EvaluationError
+from adsvc_protocol.errors import EvaluationError
 
 
 class Plan:

@@ -21,7 +21,7 @@ from grpc_reflection.v1alpha import reflection
 
 from adsvc.server.config import ServerConfig
 from adsvc.server.service import AutodiffServicer, add_to_server
-from adsvc_client.proto import service_pb2
+from adsvc_protocol.proto import service_pb2
 
 log = logging.getLogger("adsvc.server")
 SERVICE_NAME = service_pb2.DESCRIPTOR.services_by_name["AutodiffService"].full_name

@@ -17,16 +17,16 @@ from adsvc.local import compile_graph, signature
 from adsvc.runtime.plan import Plan
 from adsvc.server.cache import LRUCache
 from adsvc.server.config import ServerConfig
-from adsvc_client.dtypes import to_numpy
-from adsvc_client.errors import (
+from adsvc_protocol.dtypes import to_numpy
+from adsvc_protocol.errors import (
     HandleNotFoundError,
     InputError,
     InvalidGraphError,
     InvalidRequestError,
     LimitExceededError,
 )
-from adsvc_client.proto import ir_pb2, service_pb2
-from adsvc_client.tensors import from_tensor, to_tensor
+from adsvc_protocol.proto import ir_pb2, service_pb2
+from adsvc_protocol.tensors import from_tensor, to_tensor
 
 MODE_NAMES = {service_pb2.MODE_FORWARD: "forward", service_pb2.MODE_REVERSE: "reverse"}
 

@@ -11,9 +11,9 @@ from collections.abc import Callable, Mapping
 import numpy as np
 
 from adsvc.server.compiler import Compiler, Entry, Spec
-from adsvc_client.api import ClientBase, Compiled
-from adsvc_client.errors import InvalidRequestError
-from adsvc_client.proto import ir_pb2
+from adsvc_protocol.client import ClientBase, Compiled
+from adsvc_protocol.errors import InvalidRequestError
+from adsvc_protocol.proto import ir_pb2
 
 
 class _CacheBackedClient(ClientBase):

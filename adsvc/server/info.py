@@ -7,8 +7,8 @@ import os
 from adsvc.ops.registry import OPS, REQUIRED
 from adsvc.passes.validate import IR_VERSION, OPSET_VERSION
 from adsvc.server.config import ServerConfig
-from adsvc_client.proto import ir_pb2, service_pb2
-from adsvc_client.tensors import TO_ENUM
+from adsvc_protocol.proto import ir_pb2, service_pb2
+from adsvc_protocol.tensors import TO_ENUM
 
 KINDS = {
     "int": service_pb2.ATTR_KIND_INT, "float": service_pb2.ATTR_KIND_FLOAT,

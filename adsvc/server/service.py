@@ -31,7 +31,7 @@ from adsvc.server.config import ServerConfig
 from adsvc.server.gradient import value_and_grad
 from adsvc.server.info import server_info
 from adsvc.server.watchdog import Watchdog
-from adsvc_client.errors import (
+from adsvc_protocol.errors import (
     AdsvcError,
     CancelledError,
     DeadlineExceededError,
@@ -39,8 +39,8 @@ from adsvc_client.errors import (
     LimitExceededError,
     UnauthenticatedError,
 )
-from adsvc_client.proto import ir_pb2, service_pb2, service_pb2_grpc
-from adsvc_client.tensors import TO_ENUM, to_tensor
+from adsvc_protocol.proto import ir_pb2, service_pb2, service_pb2_grpc
+from adsvc_protocol.tensors import TO_ENUM, to_tensor
 
 log = logging.getLogger("adsvc.server")
 REQUEST_ID = "x-request-id"

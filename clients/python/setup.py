@@ -1,4 +1,4 @@
-"""Build hook: generate adsvc_client/proto/*_pb2*.py from ../../protos at build time.
+"""Build hook: generate adsvc_protocol/proto/*_pb2*.py from ../../protos at build time.
 
 Build from a checkout of the adsvc repository (`pip install ./clients/python`): the
 .proto files live two directories up and are never copied or committed here.
@@ -22,7 +22,7 @@ class BuildWithProtos(build_py):
         if not PROTOS.is_dir():
             raise RuntimeError(f"{PROTOS} not found: build adsvc-client from a checkout of "
                                "the adsvc repository")
-        generate(PROTOS, HERE / "adsvc_client" / "proto")
+        generate(PROTOS, HERE / "adsvc_protocol" / "proto")
         super().run()
 
 

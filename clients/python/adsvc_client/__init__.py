@@ -1,6 +1,6 @@
 """adsvc SDK: talk to an adsvc server with the same interface as `adsvc.local()`."""
 
-from adsvc_client.errors import AdsvcError  # noqa: F401
+from adsvc_protocol.errors import AdsvcError  # noqa: F401
 
 
 def connect(target: str, **kw):

@@ -21,10 +21,10 @@ import numpy as np
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 
-from adsvc_client import errors as E
-from adsvc_client.api import ClientBase, Compiled
-from adsvc_client.proto import ir_pb2, service_pb2, service_pb2_grpc
-from adsvc_client.tensors import dtype_from_enum, from_tensor, to_tensor
+from adsvc_protocol import errors as E
+from adsvc_protocol.client import ClientBase, Compiled
+from adsvc_protocol.proto import ir_pb2, service_pb2, service_pb2_grpc
+from adsvc_protocol.tensors import dtype_from_enum, from_tensor, to_tensor
 
 SERVICE = "adsvc.v1.AutodiffService"
 MODE_ENUM = {"forward": service_pb2.MODE_FORWARD, "reverse": service_pb2.MODE_REVERSE}

@@ -6,9 +6,9 @@ import math
 
 import numpy as np
 
-from adsvc_client import dtypes
-from adsvc_client.errors import InputError
-from adsvc_client.proto import ir_pb2
+from adsvc_protocol import dtypes
+from adsvc_protocol.errors import InputError
+from adsvc_protocol.proto import ir_pb2
 
 TO_ENUM = {
     dtypes.FLOAT64: ir_pb2.DTYPE_FLOAT64, dtypes.FLOAT32: ir_pb2.DTYPE_FLOAT32,
@@ -52,7 +52,7 @@ def from_tensor(t: ir_pb2.Tensor, where: str = "", error=InputError,
     if n >= 2**62:
         raise error(f"shape {list(dims)} has too many elements", field=where)
     if max_elements is not None and n > max_elements:
-        from adsvc_client.errors import LimitExceededError
+        from adsvc_protocol.errors import LimitExceededError
         raise LimitExceededError(f"tensor has {n} elements; the limit is {max_elements}",
                                  field=where)
     np_dt = dtypes.to_numpy(dt)

@@ -17,8 +17,8 @@ from typing import Any
 
 import numpy as np
 
-from adsvc_client import dtypes
-from adsvc_client.errors import InvalidRequestError
+from adsvc_protocol import dtypes
+from adsvc_protocol.errors import InvalidRequestError
 
 TypeSig = tuple[str, tuple[int, ...]]  # (dtype, shape)
 
