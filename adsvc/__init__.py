@@ -8,10 +8,11 @@
 
 from adsvc import errors
 from adsvc import ops as _ops  # noqa: F401  (registers the op table)
+from adsvc.ir.codec import GRAPHS, graph_from_proto, graph_to_proto
 from adsvc.ir.graph import Graph
 from adsvc.ir.node import Node, constant
 from adsvc.local import LocalClient, local
-from adsvc.ops.api import (  # noqa: F401
+from adsvc.ops.api import (
     abs,
     add,
     broadcast_to,
@@ -68,19 +69,38 @@ from adsvc.ops.api import (  # noqa: F401
 )
 from adsvc.passes.pipeline import differentiate
 from adsvc.tracer import Spec, boolean, f32, f64, i32, i64, trace
+from adsvc.version import __version__
 from adsvc_protocol.errors import AdsvcError
-
-__version__ = "0.1.0"
 
 
 def connect(target: str, **kw):
-    """A client for an adsvc server at `target` ("host:port") with the local interface."""
-    from adsvc_client import connect as _connect
+    """A client for an adsvc server at `target` ("host:port") with the interface of
+    `adsvc.local()`: traced graphs in, adsvc graphs out (see adsvc_client.remote)."""
+    from adsvc_client.remote import RemoteClient
 
-    return _connect(target, **kw)
+    return RemoteClient(target, **{"graphs": GRAPHS, **kw})
 
 
 __all__ = [
-    "AdsvcError", "Graph", "LocalClient", "Node", "Spec", "boolean", "connect", "constant",
-    "differentiate", "errors", "f32", "f64", "i32", "i64", "local", "trace",
+    "AdsvcError", "Graph", "LocalClient", "Node", "Spec", "__version__", "boolean",
+    "connect", "constant", "differentiate", "errors", "f32", "f64", "from_proto", "i32",
+    "i64", "local", "to_proto", "trace",
+    # the op builders and composites of adsvc.ops.api
+    "abs", "add", "broadcast_to", "cast", "concat", "cos", "div", "dot", "eq", "exp",
+    "expm1", "ge", "gt", "le", "log", "log1p", "log_softmax", "logsumexp", "lt", "matmul",
+    "max", "maximum", "mean", "min", "minimum", "mul", "mul_or_zero", "ne", "neg", "norm",
+    "pad", "pow", "reciprocal", "relu", "reshape", "scatter_add", "sigmoid", "sign", "sin",
+    "slice", "softmax", "softplus", "sqrt", "square", "squared_norm", "stop_gradient", "sub",
+    "sum", "take", "tan", "tanh", "transpose", "where",
 ]
+
+
+def to_proto(graph: Graph):
+    """The `adsvc.v1.Graph` proto of a graph (to send it with generated stubs or save it)."""
+    return graph_to_proto(graph)
+
+
+def from_proto(proto, **limits) -> Graph:
+    """The graph of an `adsvc.v1.Graph` proto, validated (typed errors name the node);
+    `limits`: max_nodes, max_elements."""
+    return graph_from_proto(proto, **limits)

@@ -28,6 +28,12 @@ from typing import Any
 
 import numpy as np
 
+from adsvc.passes.pipeline import signature
+from adsvc_protocol.errors import AdsvcError, InvalidRequestError, UsageError, one_line
+from adsvc_protocol.feeds import convert_feed
+from adsvc_protocol.modes import normalize_modes
+from adsvc_protocol.recipes import ordered, scalar_output
+
 USAGE_ERROR = 2
 RUN_ERROR = 1
 
@@ -36,12 +42,12 @@ _OPTION_LIKE = re.compile(r"^--?[A-Za-z][A-Za-z0-9_-]*(=.*)?$")
 _NUMBER = re.compile(r"^-\d+$|^-\d*\.\d+$")
 
 
-class CLIError(Exception):
-    """A one-line error for the user; `code` is the exit status."""
+class CLIError(UsageError):
+    """A wrong command line (or one this installation cannot run: `code` RUN_ERROR)."""
 
-    def __init__(self, message: str, code: int = USAGE_ERROR):
-        super().__init__(message)
-        self.code = code
+    def __init__(self, message: str, code: int = USAGE_ERROR, field: str = ""):
+        super().__init__(message, field)
+        self.exit_status = code
 
 
 class _Parser(argparse.ArgumentParser):
@@ -104,22 +110,6 @@ def _parse_value(name: str, text: str) -> np.ndarray:
                        f"or a list [1,2,3])") from None
 
 
-def _feed(name: str, value: np.ndarray, dtype: str, shape: tuple[int, ...]) -> np.ndarray:
-    """`value` converted to an input's declared dtype, refusing lossy conversions."""
-    from adsvc_protocol import dtypes
-
-    np_dtype = np.dtype(dtypes.to_numpy(dtype))
-    if value.dtype == np_dtype:
-        return value
-    with np.errstate(all="ignore"):
-        cast = value.astype(np_dtype)
-        if np_dtype.kind != "f" and not np.array_equal(cast.astype(np.float64),
-                                                       value.astype(np.float64)):
-            raise CLIError(f"--at {name}: input {name!r} is {dtype}; {_fmt(value)} is not "
-                           f"exactly representable", RUN_ERROR)
-    return cast
-
-
 # -- the graph ---------------------------------------------------------------------------
 @dataclass
 class Loaded:
@@ -140,7 +130,8 @@ def load(spec: str, at: dict[str, np.ndarray], need_values: bool) -> Loaded:
         if extra:
             raise CLIError(f"--at {extra[0]}: {spec} has no input {extra[0]!r} "
                            f"(inputs: {', '.join(names) or 'none'})")
-        feeds = {n.name: _feed(n.name, at[n.name], n.dtype, n.shape)
+        # --at values are float64 text; the one feed rule converts them exactly
+        feeds = {n.name: convert_feed(n.name, at[n.name].tolist(), n.dtype, n.shape)
                  for n in g.inputs if n.name in at}
         _check_missing(g.input_names, at, need_values, spec)
         return Loaded(g, feeds, True)
@@ -196,11 +187,7 @@ def _close(client):
 
 
 def _ir_text(graph) -> str:
-    if hasattr(graph, "text"):
-        return graph.text()
-    from adsvc.ir.codec import graph_from_proto
-
-    return graph_from_proto(graph).text()
+    return graph.text()  # both clients return adsvc graphs (adsvc.connect)
 
 
 # -- output ------------------------------------------------------------------------------
@@ -224,11 +211,6 @@ def _jsonable(v):
     return np.asarray(v).tolist()
 
 
-def _ordered(grads: dict, first: Sequence[str]) -> list[tuple[str, Any]]:
-    keys = [k for k in first if k in grads] + [k for k in grads if k not in first]
-    return [(k, grads[k]) for k in keys]
-
-
 # -- commands ----------------------------------------------------------------------------
 def cmd_grad(args) -> int:
     at = parse_at(args.at)
@@ -246,7 +228,7 @@ def cmd_grad(args) -> int:
                                                timeout=args.timeout))
     finally:
         _close(client)
-    grads = _ordered(grads, wrt or names)
+    grads = list(ordered(grads, wrt or names).items())
     if args.json:
         out: dict[str, Any] = {"value": _jsonable(value),
                                "gradient": {k: _jsonable(g) for k, g in grads}}
@@ -270,8 +252,7 @@ def cmd_eval(args) -> int:
         out = client.evaluate(loaded.graph, loaded.feeds, timeout=args.timeout)
     finally:
         _close(client)
-    order = [k for k in loaded.graph.output_names if k in out]
-    order += [k for k in out if k not in order]
+    order = list(ordered(out, loaded.graph.output_names))
     if args.json:
         doc: dict[str, Any] = {"outputs": {k: _jsonable(out[k]) for k in order}}
         if len(order) == 1:
@@ -292,27 +273,17 @@ def _modes(text: str | None, order: int | None) -> tuple[str, ...] | None:
                            "as reverse,forward)")
         return None
     modes = tuple(m.strip() for m in text.split(",") if m.strip())
-    for m in modes:
-        if m not in ("forward", "reverse"):
-            raise CLIError(f"--mode: unknown mode {m!r} (use forward or reverse, or a "
-                           f"comma list such as reverse,forward)")
     if not modes:
         raise CLIError("--mode needs forward or reverse")
-    n = order if order is not None else len(modes)
-    if n < 1:
-        raise CLIError(f"--order must be >= 1, got {n}")
-    if len(modes) == 1:
-        modes = modes * n
-    if len(modes) != n:
-        raise CLIError(f"--mode lists {len(modes)} modes but --order is {n}")
-    return modes
+    return normalize_modes(modes, order, labels=("--mode", "--order"), error=CLIError)
 
 
 def _single_scalar_float(graph) -> bool:
-    from adsvc_protocol import dtypes
-
-    floats = [n for _, n in graph.outputs if dtypes.is_float(n.dtype)]
-    return len(floats) == 1 and floats[0].shape == ()
+    try:
+        scalar_output(signature(graph)[1])
+    except InvalidRequestError:
+        return False
+    return True
 
 
 def cmd_show(args) -> int:
@@ -397,17 +368,7 @@ def _remote(p):
                    help="deadline in seconds for each call")
 
 
-def build_parser(argv: Sequence[str] = ()) -> argparse.ArgumentParser:
-    from adsvc import __version__
-
-    parser = _Parser(
-        prog="adsvc",
-        description="Compile expression graphs and compute values and derivatives "
-                    "(in-process, or through an adsvc server).",
-        epilog="Example: adsvc grad 'x*x + x*y + 2' --at x=3 --at y=4")
-    parser.add_argument("--version", action="version", version=f"adsvc {__version__}")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-
+def _add_grad_eval(sub) -> None:
     p = sub.add_parser("grad", help="value and gradient of a scalar expression or graph",
                        description="Value and gradient of a graph with one scalar output.")
     _common(p, "required")
@@ -431,6 +392,8 @@ def build_parser(argv: Sequence[str] = ()) -> argparse.ArgumentParser:
     _remote(p)
     p.set_defaults(func=cmd_eval)
 
+
+def _add_show_export(sub) -> None:
     p = sub.add_parser("show", help="print the text IR of a graph or of its derivative",
                        description="Print the text IR of the graph, or with --mode of its "
                                    "differentiated graph.")
@@ -449,6 +412,8 @@ def build_parser(argv: Sequence[str] = ()) -> argparse.ArgumentParser:
                    help="the graph file to write: .json (protobuf-JSON) or .pb (binary)")
     p.set_defaults(func=cmd_export)
 
+
+def _add_serve(sub, argv: Sequence[str]) -> None:
     p = sub.add_parser("serve", help="run the adsvc gRPC server",
                        description="Run the adsvc gRPC server.")
     if list(argv[:1]) == ["serve"]:  # import the server (and grpc) only when needed
@@ -459,6 +424,21 @@ def build_parser(argv: Sequence[str] = ()) -> argparse.ArgumentParser:
                            f"(adsvc.server.app: {e})") from None
         add_serve_arguments(p)
         p.set_defaults(func=cmd_serve)
+
+
+def build_parser(argv: Sequence[str] = ()) -> argparse.ArgumentParser:
+    from adsvc.version import __version__
+
+    parser = _Parser(
+        prog="adsvc",
+        description="Compile expression graphs and compute values and derivatives "
+                    "(in-process, or through an adsvc server).",
+        epilog="Example: adsvc grad 'x*x + x*y + 2' --at x=3 --at y=4")
+    parser.add_argument("--version", action="version", version=f"adsvc {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    _add_grad_eval(sub)
+    _add_show_export(sub)
+    _add_serve(sub, argv)
     return parser
 
 
@@ -475,35 +455,14 @@ def _protect_expressions(argv: list[str]) -> list[str]:
     return out
 
 
-def _one_line(text: str) -> str:
-    first = str(text).strip().splitlines()
-    return " ".join(first[0].split()) if first else ""
-
-
 def describe(e: BaseException) -> tuple[str, int]:
-    """A one-line message and exit status for an exception raised by a command."""
-    from adsvc.expr import ExprError
-    from adsvc.graphfile import GraphFileError
-    from adsvc_protocol.errors import AdsvcError
-
-    if isinstance(e, CLIError):
-        return str(e), e.code
-    if isinstance(e, ExprError):
-        return f"bad expression: {e}", USAGE_ERROR
-    if isinstance(e, GraphFileError):
-        return str(e), USAGE_ERROR
+    """A one-line message and exit status for an exception raised by a command: every
+    error of ours says both itself (`summary`, `exit_status`)."""
     if isinstance(e, AdsvcError):
-        where = f"{e.field}: " if e.field else ""
-        return f"{type(e).__name__.rstrip('_')}: {where}{_one_line(e.description)}", RUN_ERROR
-    mod = type(e).__module__ or ""
-    if mod.startswith("grpc"):
-        code = getattr(e, "code", lambda: None)()
-        details = getattr(e, "details", lambda: None)()
-        name = getattr(code, "name", "") or "RPC failed"
-        return f"server call failed: {name}: {_one_line(details or e)}", RUN_ERROR
+        return e.summary(), e.exit_status
     if isinstance(e, OSError):
-        return f"{_one_line(e.strerror or e)}", RUN_ERROR
-    return f"internal error: {type(e).__name__}: {_one_line(e)}", RUN_ERROR
+        return f"{one_line(e.strerror or e)}", RUN_ERROR
+    return f"internal error: {type(e).__name__}: {one_line(e)}", RUN_ERROR
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -20,13 +20,15 @@ from adsvc.ir.graph import Graph
 from adsvc.ir.node import Node, constant, input_node
 from adsvc.ops import api
 from adsvc_protocol import dtypes
-from adsvc_protocol.errors import AdsvcError
+from adsvc_protocol.errors import AdsvcError, UsageError
 
 MAX_LENGTH = 100_000  # characters; longer text is refused before parsing
 
 
-class ExprError(ValueError):
+class ExprError(UsageError, ValueError):
     """A bad expression: the message names the token/name and its 1-based column."""
+
+    prefix = "bad expression: "
 
 
 @dataclass(frozen=True)

@@ -12,14 +12,15 @@ import os
 from google.protobuf import json_format
 from google.protobuf.message import DecodeError
 
-from adsvc.ir.codec import graph_from_proto
+from adsvc.ir.codec import graph_from_proto, graph_to_proto
 from adsvc.ir.graph import Graph
+from adsvc_protocol.errors import UsageError
 from adsvc_protocol.proto import ir_pb2
 
 EXTENSIONS = (".pb", ".json")
 
 
-class GraphFileError(ValueError):
+class GraphFileError(UsageError, ValueError):
     """A graph file could not be read, parsed or written."""
 
 
@@ -72,7 +73,7 @@ def load(path: str) -> Graph:
 
 def dumps(graph: Graph, fmt: str) -> bytes:
     """The file contents of `graph` in format "pb" or "json"."""
-    msg = graph.to_proto()
+    msg = graph_to_proto(graph)
     if fmt == "pb":
         return msg.SerializeToString()
     if fmt == "json":

@@ -6,7 +6,7 @@ from derivcheck import check_first_order, check_second_order
 from optable_cases import CASES
 
 import adsvc as ad
-from adsvc.ops.registry import OPS
+from adsvc.ir.opdef import OPS
 
 PARAMS = [pytest.param(c, id=f"{op}-{i}") for op in sorted(CASES)
           for i, c in enumerate(CASES[op])]

@@ -96,11 +96,11 @@ def test_deadline_stops_local_evaluation():
 
 
 def test_differentiated_graph_round_trips_through_proto():
-    from adsvc.ir.codec import graph_from_proto
+    from adsvc.ir.codec import graph_from_proto, graph_to_proto
 
     g = ad.trace(lambda x: ad.sum(ad.softmax(x) * x), x=ad.f64(4))
     d = ad.local().differentiate(g, ("reverse", "forward"), seed=True)
-    back = graph_from_proto(d.to_proto())
+    back = graph_from_proto(graph_to_proto(d))
     feeds = {"x": np.arange(4.0), "tangent2:x": np.ones(4)}
     a, b = ad.local().evaluate(d, feeds), ad.local().evaluate(back, feeds)
     assert a.keys() == b.keys()

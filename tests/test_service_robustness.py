@@ -16,8 +16,8 @@ from service_fixtures import channel, hand_graph, running_server, seed_graph, st
 
 import adsvc
 from adsvc.server.app import add_serve_arguments, config_from_args
-from adsvc.server.cache import LRUCache
 from adsvc.server.config import ServerConfig
+from adsvc_protocol.lru import LRUCache
 from adsvc_protocol.proto import ir_pb2
 from adsvc_protocol.proto import service_pb2 as S
 

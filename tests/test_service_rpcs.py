@@ -9,8 +9,8 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from service_fixtures import channel, running_server, seed_graph, stub
 
 import adsvc
-from adsvc.ops.registry import OPS
-from adsvc.passes.validate import IR_VERSION, OPSET_VERSION
+from adsvc.ir.codec import IR_VERSION, OPSET_VERSION
+from adsvc.ir.opdef import OPS
 from adsvc.server.config import ServerConfig
 from adsvc_protocol.proto import service_pb2 as S
 from adsvc_protocol.tensors import from_tensor, to_tensor

@@ -1,28 +1,80 @@
-"""The one module that converts between Graph protos and the in-memory IR.
+"""The one module between Graph protos and the in-memory IR, both ways.
 
-Decoding goes proto -> WireGraph (plain Python) -> passes.validate.build_graph -> IR,
-so every malformed graph is reported by the validator with typed errors. Encoding
-numbers nodes by their position in `Graph.nodes`; evaluation errors use the same ids.
+Decoding goes proto -> wire form (`WireGraph`: plain Python, ids and all) -> IR, and
+validates on the way: every malformed graph raises a typed error whose `field` names
+the offending input, node or output (``nodes[id=7]``) and whose `context` prints the
+few nodes around it. The in-memory IR cannot hold an ill-formed graph, so this is the
+only place that has to look for one. Encoding numbers nodes by their position in
+`Graph.nodes`; evaluation errors use the same ids.
 """
 
 from __future__ import annotations
 
-from adsvc.interrupt import CHECK_EVERY
+from dataclasses import dataclass, field
+from typing import Any
+
+import networkx as nx
+import numpy as np
+
+from adsvc.interrupt import CHECK_EVERY, Checker
 from adsvc.ir.graph import Graph
-from adsvc.passes.validate import (
-    IR_VERSION,
-    OPSET_VERSION,
-    WireGraph,
-    WireInput,
-    WireNode,
-    build_graph,
-    check_node_count,
+from adsvc.ir.node import Node, constant, input_node, make
+from adsvc.ir.opdef import OPS, check_shape
+from adsvc_protocol import dtypes
+from adsvc_protocol.errors import (
+    ArityError,
+    AttributeError_,
+    CycleError,
+    DTypeError,
+    DuplicateIdError,
+    ForwardReferenceError,
+    InvalidGraphError,
+    InvalidRequestError,
+    LimitExceededError,
+    ShapeError,
+    UndefinedReferenceError,
+    UnknownOpError,
+    VersionError,
 )
-from adsvc_protocol.errors import AttributeError_, InvalidGraphError
+from adsvc_protocol.graphs import GraphCodec, proto_key
 from adsvc_protocol.proto import ir_pb2
 from adsvc_protocol.tensors import TO_ENUM, dtype_from_enum, from_tensor, to_tensor
 
+IR_VERSION = 1  # the Graph message layout this reader and writer know
+OPSET_VERSION = 1  # the op names, attributes and semantics of the op table
 
+
+# -- the wire form ---------------------------------------------------------------------
+@dataclass
+class WireInput:
+    id: int
+    name: str
+    dtype: str | None
+    shape: tuple[int, ...]
+
+
+@dataclass
+class WireNode:
+    id: int
+    op: str
+    operands: list[int]
+    attrs: dict[str, Any] = field(default_factory=dict)
+    value: np.ndarray | None = None
+    label: str = ""
+    declared: tuple[str, tuple[int, ...]] | None = None  # (dtype, shape) if the writer gave it
+
+
+@dataclass
+class WireGraph:
+    ir_version: int
+    opset_version: int
+    inputs: list[WireInput]
+    nodes: list[WireNode]
+    outputs: list[tuple[str, int]]
+    name: str = ""
+
+
+# -- encoding ----------------------------------------------------------------------------
 def _attr_to_proto(v) -> ir_pb2.AttrValue:
     if isinstance(v, bool):
         return ir_pb2.AttrValue(b=v)
@@ -37,18 +89,16 @@ def _attr_to_proto(v) -> ir_pb2.AttrValue:
     return ir_pb2.AttrValue(s=str(v))
 
 
-def _attr_from_proto(a: ir_pb2.AttrValue, where: str):
-    kind = a.WhichOneof("value")
-    if kind is None:
-        raise AttributeError_("attribute value is empty", field=where)
-    if kind == "ints":
-        return tuple(a.ints.values)
-    if kind == "dtype":
-        return dtype_from_enum(a.dtype, where, AttributeError_)
-    return getattr(a, kind)
-
-
 def graph_to_proto(graph: Graph) -> ir_pb2.Graph:
+    """The Graph proto of `graph` (ids = positions in `graph.nodes`); InvalidGraphError
+    if a value does not fit the wire format."""
+    try:
+        return _encode(graph)
+    except (ValueError, OverflowError, TypeError) as e:
+        raise InvalidGraphError(f"the graph cannot be encoded: {e}", field="graph") from None
+
+
+def _encode(graph: Graph) -> ir_pb2.Graph:
     nodes = graph.nodes
     ids = {id(n): i for i, n in enumerate(nodes)}
     g = ir_pb2.Graph(ir_version=IR_VERSION, opset_version=OPSET_VERSION, name=graph.name)
@@ -68,7 +118,33 @@ def graph_to_proto(graph: Graph) -> ir_pb2.Graph:
     return g
 
 
-def proto_to_wire(g: ir_pb2.Graph, max_elements: int | None = None, check=None) -> WireGraph:
+# -- decoding: proto -> wire form ---------------------------------------------------------
+def _attr_from_proto(a: ir_pb2.AttrValue, where: str):
+    kind = a.WhichOneof("value")
+    if kind is None:
+        raise AttributeError_("attribute value is empty", field=where)
+    if kind == "ints":
+        return tuple(a.ints.values)
+    if kind == "dtype":
+        return dtype_from_enum(a.dtype, where, AttributeError_)
+    return getattr(a, kind)
+
+
+def _wire_node(p: ir_pb2.Node, max_elements: int | None) -> WireNode:
+    where = f"nodes[id={p.id}]"
+    attrs = {k: _attr_from_proto(v, f"{where}.attrs.{k}") for k, v in p.attrs.items()}
+    value = (from_tensor(p.value, f"{where}.value", InvalidGraphError, max_elements)
+             if p.HasField("value") else None)
+    declared = None
+    if p.HasField("type") and p.type.dtype:
+        declared = (dtype_from_enum(p.type.dtype, f"{where}.type", InvalidGraphError),
+                    tuple(p.type.dims))
+    return WireNode(p.id, p.op, list(p.operands), attrs, value, p.label, declared)
+
+
+def proto_to_wire(g: ir_pb2.Graph, max_elements: int | None = None,
+                  check: Checker = None) -> WireGraph:
+    """The wire form of `g` (tensors decoded and bounded; nothing else checked yet)."""
     inputs = []
     for p in g.inputs:
         where = f"inputs[id={p.id}]"
@@ -78,23 +154,196 @@ def proto_to_wire(g: ir_pb2.Graph, max_elements: int | None = None, check=None) 
     for i, p in enumerate(g.nodes):
         if check is not None and i % CHECK_EVERY == 0:
             check()
-        where = f"nodes[id={p.id}]"
-        attrs = {k: _attr_from_proto(v, f"{where}.attrs.{k}") for k, v in p.attrs.items()}
-        value = (from_tensor(p.value, f"{where}.value", InvalidGraphError, max_elements)
-                 if p.HasField("value") else None)
-        declared = None
-        if p.HasField("type") and p.type.dtype:
-            declared = (dtype_from_enum(p.type.dtype, f"{where}.type", InvalidGraphError),
-                        tuple(p.type.dims))
-        nodes.append(WireNode(p.id, p.op, list(p.operands), attrs, value, p.label, declared))
+        nodes.append(_wire_node(p, max_elements))
     outputs = [(o.name, o.id) for o in g.outputs]
     return WireGraph(g.ir_version, g.opset_version, inputs, nodes, outputs, g.name)
 
 
+# -- decoding: wire form -> IR, validating --------------------------------------------------
+def check_node_count(n: int, max_nodes: int | None) -> None:
+    if max_nodes is not None and n > max_nodes:
+        raise LimitExceededError(f"graph has {n} nodes; the limit is {max_nodes}",
+                                 field="nodes")
+
+
+def _check_versions(wire: WireGraph) -> None:
+    if wire.ir_version != IR_VERSION:
+        raise VersionError(f"IR version {wire.ir_version} is not supported (this server reads "
+                           f"version {IR_VERSION})", field="ir_version")
+    if wire.opset_version != OPSET_VERSION:
+        raise VersionError(f"opset version {wire.opset_version} is not supported (this server "
+                           f"implements opset {OPSET_VERSION})", field="opset_version")
+
+
+def _build_inputs(wire: WireGraph, env: dict[int, Node]) -> list[Node]:
+    names: set[str] = set()
+    inputs = []
+    for w in wire.inputs:
+        where = f"inputs[id={w.id}]"
+        if w.id in env:
+            raise DuplicateIdError(f"id {w.id} is used twice", field=where)
+        if not w.name or w.name in names:
+            what = "empty" if not w.name else f"duplicate {w.name!r}"
+            raise DuplicateIdError(f"input name is {what}", field=where)
+        if w.dtype not in dtypes.DTYPES:
+            raise DTypeError(f"input {w.name!r} has no valid dtype", field=where)
+        try:
+            check_shape(f"input {w.name!r}", w.shape)
+        except ShapeError as e:
+            raise ShapeError(e.description, field=where) from None
+        names.add(w.name)
+        env[w.id] = input_node(w.name, w.dtype, w.shape)
+        inputs.append(env[w.id])
+    return inputs
+
+
+def _describe(n: WireNode) -> str:
+    return f"%{n.id} = {n.op} " + ", ".join(f"%{o}" for o in n.operands)
+
+
+def _context(wire: WireGraph, index: int) -> str:
+    lo, hi = max(0, index - 2), min(len(wire.nodes), index + 3)
+    lines = [("--> " if i == index else "    ") + _describe(wire.nodes[i]) for i in range(lo, hi)]
+    return "nearby nodes:\n" + "\n".join(lines)
+
+
+def _find_cycle(wire: WireGraph, start: int) -> list[int] | None:
+    g = nx.DiGraph()
+    for n in wire.nodes:
+        g.add_node(n.id)
+        g.add_edges_from((o, n.id) for o in n.operands)
+    try:
+        edges = nx.find_cycle(g, source=start)
+    except nx.NetworkXNoCycle:
+        return None
+    return [u for u, _ in edges]
+
+
+class _NodeError(Exception):
+    """Raised inside `_build_node`: the error class, message and extra keywords."""
+
+    def __init__(self, cls, msg, **kw):
+        super().__init__(msg)
+        self.cls, self.msg, self.kw = cls, msg, kw
+
+
+def _operands(wire: WireGraph, n: WireNode, env: dict[int, Node],
+              all_ids: set[int]) -> list[Node]:
+    out = []
+    for o in n.operands:
+        if o in env:
+            out.append(env[o])
+            continue
+        if o not in all_ids:
+            raise _NodeError(UndefinedReferenceError, f"operand %{o} is not defined in the graph")
+        cycle = _find_cycle(wire, o)
+        if cycle:
+            raise _NodeError(CycleError, "operands form a cycle: " + " -> ".join(
+                f"%{c}" for c in cycle + cycle[:1]), cycle=cycle)
+        raise _NodeError(ForwardReferenceError, f"operand %{o} is defined later; nodes must "
+                         "be listed in topological order")
+    return out
+
+
+def _make_node(n: WireNode, operands: list[Node]) -> Node:
+    try:
+        if n.op == "constant":
+            if operands or n.value is None:
+                raise ArityError("a constant takes no operands and needs a value")
+            if n.attrs:
+                raise AttributeError_("a constant has no attributes (got "
+                                      f"{', '.join(sorted(n.attrs))})")
+            node = constant(n.value)
+        else:
+            if n.value is not None:
+                raise ArityError("only constant nodes carry a value")
+            node = make(n.op, operands, n.attrs, label=n.label)
+    except InvalidGraphError as e:
+        raise _NodeError(type(e), e.description) from None
+    if n.declared is not None:
+        dt, shape = n.declared
+        if dt != node.dtype or tuple(shape) != node.shape:
+            cls = DTypeError if dt != node.dtype else ShapeError
+            raise _NodeError(cls, f"declared type {dt}{list(shape)} but the operands give "
+                                  f"{node.dtype}{list(node.shape)}")
+    return node
+
+
+def _build_nodes(wire: WireGraph, env: dict[int, Node], check: Checker) -> None:
+    all_ids = {n.id for n in wire.nodes}
+    seen: set[int] = set()
+    for i, n in enumerate(wire.nodes):
+        if check is not None and i % CHECK_EVERY == 0:
+            check()
+        try:
+            if n.id in env or n.id in seen:
+                raise _NodeError(DuplicateIdError, f"id {n.id} is used twice")
+            seen.add(n.id)
+            if n.op not in OPS:
+                raise _NodeError(UnknownOpError, f"unknown op {n.op!r}")
+            env[n.id] = _make_node(n, _operands(wire, n, env, all_ids))
+        except _NodeError as e:
+            raise e.cls(f"node %{n.id} ({n.op}): {e.msg}", field=f"nodes[id={n.id}]",
+                        context=_context(wire, i), **e.kw) from None
+
+
+def _build_outputs(wire: WireGraph, env: dict[int, Node]) -> list[tuple[str, Node]]:
+    outputs = []
+    out_names: set[str] = set()
+    for name, oid in wire.outputs:
+        where = f"outputs.{name}"
+        if not name or name in out_names:
+            raise DuplicateIdError("output name is empty or used twice", field=where)
+        if oid not in env:
+            raise UndefinedReferenceError(f"output {name!r} refers to undefined id {oid}",
+                                          field=where)
+        out_names.add(name)
+        outputs.append((name, env[oid]))
+    if not outputs:
+        raise InvalidGraphError("the graph has no outputs", field="outputs")
+    return outputs
+
+
+def build_graph(wire: WireGraph, max_nodes: int | None = None,
+                check: Checker = None) -> Graph:
+    """Check `wire` and return the equivalent IR graph. `check`, if given, is called
+    every CHECK_EVERY nodes and may raise to stop the work (deadlines, cancellation)."""
+    _check_versions(wire)
+    check_node_count(len(wire.nodes) + len(wire.inputs), max_nodes)
+    env: dict[int, Node] = {}
+    inputs = _build_inputs(wire, env)
+    _build_nodes(wire, env, check)
+    return Graph(inputs, _build_outputs(wire, env), wire.name)
+
+
 def graph_from_proto(g: ir_pb2.Graph, max_nodes: int | None = None,
-                     max_elements: int | None = None, check=None) -> Graph:
-    """Decode and validate; raises the validator's typed errors. `check` (optional) is
-    called every few hundred nodes and may raise to stop the work."""
+                     max_elements: int | None = None, check: Checker = None) -> Graph:
+    """Decode and validate; raises typed errors (InvalidGraphError and its subclasses,
+    LimitExceededError). `check` (optional) is called every few hundred nodes and may
+    raise to stop the work."""
     check_node_count(len(g.nodes) + len(g.inputs), max_nodes)  # before decoding anything
-    return build_graph(proto_to_wire(g, max_elements, check), max_nodes=max_nodes,
-                       check=check)
+    try:
+        wire = proto_to_wire(g, max_elements, check)
+        return build_graph(wire, max_nodes=max_nodes, check=check)
+    except (ValueError, OverflowError) as e:  # numpy/protobuf range errors: a bad graph
+        raise InvalidGraphError(f"the graph cannot be decoded: {e}", field="graph") from None
+
+
+# -- adsvc graphs for the SDK ------------------------------------------------------------
+def as_proto(g) -> ir_pb2.Graph:
+    """A Graph proto of an adsvc graph or a proto (passed through)."""
+    if isinstance(g, Graph):
+        return graph_to_proto(g)
+    if isinstance(g, ir_pb2.Graph):
+        return g
+    raise InvalidRequestError(f"expected an adsvc graph or an adsvc.v1.Graph proto, got "
+                              f"{type(g).__name__}", field="graph")
+
+
+def _key(g):
+    return g.key if isinstance(g, Graph) else proto_key(as_proto(g))
+
+
+# What `adsvc.connect` gives the SDK: traced graphs in (keyed by their node digests, so a
+# cached call encodes nothing), adsvc graphs out.
+GRAPHS = GraphCodec(encode=as_proto, decode=graph_from_proto, key=_key)

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import hashlib
 from functools import cached_property
 
 from adsvc.ir.node import Node
+from adsvc.ir.text import to_text
 
 
 class Graph:
@@ -59,15 +61,20 @@ class Graph:
     def output_names(self) -> list[str]:
         return [k for k, _ in self.outputs]
 
+    @cached_property
+    def key(self) -> bytes:
+        """Structural identity from the nodes' digests (no encoding): equal keys mean the
+        same inputs, outputs, nodes and name, in any process. Cache keys start here."""
+        h = hashlib.blake2b(self.name.encode("utf-8", "surrogatepass"), digest_size=20)
+        for n in self.inputs:
+            h.update(b"i" + n.digest)
+        for name, n in self.outputs:
+            h.update(b"o" + name.encode("utf-8", "surrogatepass") + b"\0" + n.digest)
+        return h.digest()
+
     def text(self) -> str:
-        from adsvc.ir.text import to_text
-
+        """The readable text form (see `adsvc.ir.text`)."""
         return to_text(self)
-
-    def to_proto(self):
-        from adsvc.ir.codec import graph_to_proto
-
-        return graph_to_proto(self)
 
     def __repr__(self) -> str:
         return (f"<Graph {self.name} {len(self.nodes)} nodes, inputs={self.input_names}, "

@@ -1,15 +1,22 @@
-"""Immutable, interned IR nodes.
+"""Immutable, interned IR nodes and the builder that makes them.
 
 Building a node that already exists returns the existing object (hash-consing), so
 common subexpressions are shared for free and identity comparison means "same value".
 (A node's label is part of its identity, so one caller's labels never show up on
-another caller's graph.)
-A node's dtype and shape are computed by its op's shape rule when it is built, so an
-ill-typed node can never exist.
+another caller's graph.) Each node carries a structural `digest`, computed once when
+it is interned from its op, attributes, type, label and its operands' digests (like
+tinygrad's `UOp.key`): equal digests mean equal graphs, in any process, which is what
+cache keys are made of.
+
+A node's dtype and shape are computed by its op's shape rule when the `Builder` makes
+it, so an ill-typed node can never exist; the builder then applies its rewriter (the
+exact simplifications of `ir.rewrites`). `make`, `lift`, `constant` and `input_node`
+are those of the default builder.
 """
 
 from __future__ import annotations
 
+import hashlib
 import math
 import threading
 import weakref
@@ -18,7 +25,11 @@ from typing import Any
 
 import numpy as np
 
+from adsvc.ir.opdef import check_and_infer
+from adsvc.ir.operators import NodeOperators
+from adsvc.ir.rewrites import Rewriter
 from adsvc_protocol import dtypes
+from adsvc_protocol.errors import DTypeError
 
 Attrs = tuple[tuple[str, Any], ...]
 
@@ -26,11 +37,11 @@ _TABLE: weakref.WeakValueDictionary[tuple, Node] = weakref.WeakValueDictionary()
 _LOCK = threading.Lock()
 
 
-class Node:
+class Node(NodeOperators):
     """One SSA value: an op applied to operand nodes. Never mutate; build with `make`."""
 
     __slots__ = ("op", "inputs", "attrs", "dtype", "shape", "value", "name", "label",
-                 "__weakref__")
+                 "digest", "__weakref__")
 
     op: str
     inputs: tuple[Node, ...]
@@ -40,6 +51,7 @@ class Node:
     value: np.ndarray | None
     name: str | None
     label: str
+    digest: bytes  # structural hash of the node and everything it depends on
 
     def attr(self, key: str, default: Any = None) -> Any:
         for k, v in self.attrs:
@@ -59,7 +71,12 @@ class Node:
         what = self.name if self.op == "input" else self.op
         return f"<Node {what} {self.dtype}{list(self.shape)}>"
 
-    # Arithmetic operators are attached by adsvc.ops.api (so rules and the tracer share them).
+    # what the operators of NodeOperators build with
+    def _apply(self, op: str, attrs: dict | None = None) -> Node:
+        return make(op, (self,), attrs)
+
+    def _binary(self, op: str, a, b) -> Node:
+        return BUILDER.binary(op, a, b)
 
 
 def _freeze(v: Any) -> Any:
@@ -79,50 +96,42 @@ def _typed(attrs: Attrs) -> tuple:
     return tuple((k, type(v), v) for k, v in attrs)
 
 
-def _intern(key: tuple, build) -> Node:
+def _digest(op, inputs, attrs, dtype, shape, name, label, value) -> bytes:
+    head = repr((op, dtype, shape, tuple((k, type(v).__name__, v) for k, v in attrs),
+                 name, label))
+    h = hashlib.blake2b(head.encode("utf-8", "surrogatepass"), digest_size=20)
+    for i in inputs:
+        h.update(i.digest)
+    if value is not None:
+        h.update(value.tobytes())
+    return h.digest()
+
+
+def _intern(key: tuple, fields: dict) -> Node:
+    """The node for `key`, built from `fields` the first time."""
     with _LOCK:
         node = _TABLE.get(key)
         if node is None:
-            node = build()
+            node = object.__new__(Node)
+            fields["digest"] = _digest(**{k: fields.get(k) for k in (
+                "op", "inputs", "attrs", "dtype", "shape", "name", "label", "value")})
+            for k, v in fields.items():
+                object.__setattr__(node, k, v)
             _TABLE[key] = node
         return node
 
 
-def _new(op, inputs, attrs, dtype, shape, value=None, name=None, label="") -> Node:
-    n = object.__new__(Node)
-    for k, v in (("op", op), ("inputs", inputs), ("attrs", attrs), ("dtype", dtype),
-                 ("shape", shape), ("value", value), ("name", name), ("label", label)):
-        object.__setattr__(n, k, v)
-    return n
-
-
-def make(op: str, inputs: tuple[Node, ...] | list[Node], attrs: dict | None = None,
-         label: str = "") -> Node:
-    """Return the node `op(inputs, attrs)`, building it (and checking it) only if new."""
-    from adsvc.ops.registry import check_and_infer
-
-    inputs = tuple(inputs)
-    frozen: Attrs = tuple(sorted((k, _freeze(v)) for k, v in (attrs or {}).items()))
-    key = (op, inputs, _typed(frozen), label)  # the label is part of identity: no leaks
-    node = _TABLE.get(key)
-    if node is None:
-        dtype, shape, frozen = check_and_infer(op, inputs, frozen)
-        node = _intern((op, inputs, _typed(frozen), label),
-                       lambda: _new(op, inputs, frozen, dtype, tuple(shape), label=label))
-    return node if REWRITE is None else REWRITE(node)
-
-
-# Exact algebraic rewrites applied as nodes are built (installed by passes.simplify), so
-# graphs -- derivative graphs above all -- come out simplified instead of being rebuilt
-# by a later pass.
-REWRITE: Callable[[Node], Node] | None = None
+def _fields(op, inputs=(), attrs=(), dtype="float64", shape=(), value=None, name=None,
+            label="") -> dict:
+    return {"op": op, "inputs": inputs, "attrs": attrs, "dtype": dtype, "shape": shape,
+            "value": value, "name": name, "label": label}
 
 
 def input_node(name: str, dtype: str, shape: tuple[int, ...]) -> Node:
     """The graph input called `name` with the given type."""
     shape = tuple(int(d) for d in shape)
     return _intern(("input", name, dtype, shape),
-                   lambda: _new("input", (), (), dtype, shape, name=name))
+                   _fields("input", dtype=dtype, shape=shape, name=name))
 
 
 def constant(value, dtype: str | None = None) -> Node:
@@ -133,5 +142,56 @@ def constant(value, dtype: str | None = None) -> Node:
     arr = np.array(arr, order="C", copy=True)
     arr.setflags(write=False)
     dt = dtypes.from_numpy(arr.dtype)
-    key = ("constant", dt, arr.shape, arr.tobytes())
-    return _intern(key, lambda: _new("constant", (), (), dt, arr.shape, value=arr))
+    return _intern(("constant", dt, arr.shape, arr.tobytes()),
+                   _fields("constant", dtype=dt, shape=arr.shape, value=arr))
+
+
+class Builder:
+    """Makes nodes: checks each against the op table, interns it, then rewrites it.
+
+    `rewriter(node, builder)` returns the node to use instead (`ir.rewrites.Rewriter`
+    for exact simplification; None builds nodes exactly as asked).
+    """
+
+    def __init__(self, rewriter: Callable[[Node, Builder], Node] | None = None):
+        self.rewriter = rewriter
+
+    def make(self, op: str, inputs, attrs: dict | None = None, label: str = "") -> Node:
+        """The node `op(inputs, attrs)`, built (and checked) only if new, then rewritten."""
+        inputs = tuple(inputs)
+        frozen: Attrs = tuple(sorted((k, _freeze(v)) for k, v in (attrs or {}).items()))
+        node = _TABLE.get((op, inputs, _typed(frozen), label))
+        if node is None:
+            dtype, shape, frozen = check_and_infer(op, inputs, frozen)
+            node = _intern((op, inputs, _typed(frozen), label),
+                           _fields(op, inputs, frozen, dtype, tuple(shape), label=label))
+        return node if self.rewriter is None else self.rewriter(node, self)
+
+    def constant(self, value, dtype: str | None = None) -> Node:
+        return constant(value, dtype)
+
+    def lift(self, v, like: Node | None = None) -> Node:
+        """`v` as a node: nodes pass through; numbers become constants of `like`'s dtype
+        (exactly, or DTypeError), arrays constants of their own."""
+        if isinstance(v, Node):
+            return v
+        if like is not None and isinstance(v, (int, float, bool, np.number)):
+            value = np.asarray(v)
+            converted = value.astype(like.dtype)
+            if like.dtype not in ("float64", "float32") and not (
+                    np.isfinite(value) and converted == value):
+                raise DTypeError(f"the number {v!r} is not exactly a {like.dtype}: cast the "
+                                 f"{like.dtype} operand first (adsvc.cast(x, 'float64'))")
+            return constant(converted)
+        return constant(v)
+
+    def binary(self, op: str, a, b) -> Node:
+        """`op(a, b)` with a Python number on either side lifted to the other's dtype."""
+        if not isinstance(a, Node):
+            a = self.lift(a, b if isinstance(b, Node) else None)
+        return self.make(op, (a, self.lift(b, a)))
+
+
+BUILDER = Builder(Rewriter())  # the default builder: exact simplification as nodes are made
+make = BUILDER.make
+lift = BUILDER.lift

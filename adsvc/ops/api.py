@@ -1,7 +1,9 @@
-"""Graph-building functions, one per op, plus composites and Node operator overloads.
+"""Graph-building functions, one per op (each documented by its op's `OpDef.doc`), plus
+composites of them and helpers for derivative rules.
 
-Derivative rules, the tracer and users all build graphs through these functions.
-Python numbers are lifted to constants of the other operand's dtype.
+Derivative rules, the tracer and users all build graphs through these functions (and
+the operators of `Node`, which build the same nodes). Python numbers are lifted to
+constants of the other operand's dtype.
 """
 
 from __future__ import annotations
@@ -10,31 +12,11 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from adsvc.ir.node import Node, constant, make
-
-
-def lift(v, like: Node | None = None) -> Node:
-    """`v` as a node: nodes pass through, numbers/arrays become constants."""
-    if isinstance(v, Node):
-        return v
-    if like is not None and isinstance(v, (int, float, bool, np.number)):
-        value = np.asarray(v)
-        converted = value.astype(like.dtype)
-        if like.dtype not in ("float64", "float32") and not (
-                np.isfinite(value) and converted == value):
-            from adsvc_protocol.errors import DTypeError
-
-            raise DTypeError(f"the number {v!r} is not exactly a {like.dtype}: cast the "
-                             f"{like.dtype} operand first (adsvc.cast(x, 'float64'))")
-        return constant(converted)
-    return constant(v)
+from adsvc.ir.node import BUILDER, Node, constant, lift, make
 
 
 def _bin(op: str, a, b) -> Node:
-    if not isinstance(a, Node):
-        a = lift(a, b)
-    b = lift(b, a)
-    return make(op, (a, b))
+    return BUILDER.binary(op, a, b)
 
 
 # -- elementwise unary ---------------------------------------------------------------
@@ -163,10 +145,12 @@ def zeros(shape, dtype="float64") -> Node:
 
 
 def full(shape, value, dtype="float64") -> Node:
+    """A tensor of `value` without storing one: a scalar constant broadcast to `shape`."""
     return broadcast_to(constant(np.full((), value, dtype=dtype)), tuple(shape))
 
 
 def zeros_like(x: Node) -> Node:
+    """Zeros of x's shape and dtype."""
     return zeros(x.shape, x.dtype)
 
 
@@ -205,16 +189,19 @@ def relu(x):
 
 
 def softmax(x, axis=-1):
+    """exp(x) / sum(exp(x)) along `axis`, computed stably (through logsumexp)."""
     x = lift(x)
     return exp(sub(x, logsumexp(x, axis, keepdims=True)))
 
 
 def log_softmax(x, axis=-1):
+    """x - logsumexp(x) along `axis`: the log of softmax, stable for large inputs."""
     x = lift(x)
     return sub(x, logsumexp(x, axis, keepdims=True))
 
 
 def dot(a, b):
+    """sum(a * b) over all elements (broadcasting)."""
     return sum(mul(a, b))
 
 
@@ -224,74 +211,12 @@ def norm(x, axes=None, keepdims=False):
 
 
 def squared_norm(x, axes=None, keepdims=False):
+    """sum(x * x) over `axes` (absent: all); unlike norm, smooth at 0."""
     return sum(square(x), axes, keepdims)
 
 
 def swap_last(x: Node) -> Node:
+    """x with its last two axes exchanged (matrix transpose of each batch element)."""
     perm = list(range(x.ndim))
     perm[-1], perm[-2] = perm[-2], perm[-1]
     return transpose(x, perm)
-
-
-# -- operator overloading on Node ----------------------------------------------------
-def _getitem(x: Node, idx):
-    if not isinstance(idx, tuple):
-        idx = (idx,)
-    if len(idx) > x.ndim:
-        raise IndexError(f"too many indices for a node of rank {x.ndim}")
-    starts, stops, steps, squeeze = [], [], [], []
-    for axis, d in enumerate(x.shape):
-        i = idx[axis] if axis < len(idx) else builtins_slice(None)
-        if isinstance(i, (int, np.integer)):
-            if not -d <= i < d:
-                raise IndexError(f"index {i} out of range for axis {axis} of size {d}")
-            i = int(i) % d
-            starts.append(i), stops.append(i + 1), steps.append(1), squeeze.append(axis)
-        elif isinstance(i, builtins_slice):
-            a, b, s = i.indices(d)
-            if s <= 0:
-                raise IndexError("only positive slice steps are supported")
-            starts.append(a), stops.append(builtins_max(a, b)), steps.append(s)
-        else:
-            raise IndexError(f"unsupported index {i!r}: use ints, slices or take()")
-    out = slice(x, starts, stops, steps)
-    if squeeze:
-        out = reshape(out, [d for a, d in enumerate(out.shape) if a not in squeeze])
-    return out
-
-
-def _eq(self, other):
-    if isinstance(other, Node):
-        return self is other  # identity: nodes are interned (and used as dict keys)
-    raise TypeError("== / != on a traced value: use adsvc.eq(a, b) / adsvc.ne(a, b)")
-
-
-def _ne(self, other):
-    return not _eq(self, other)
-
-
-def _bool(self):
-    raise TypeError("a traced value has no truth value: use adsvc.where(cond, a, b) "
-                    "instead of Python if/and/or on traced values")
-
-
-import builtins as _b  # noqa: E402
-
-builtins_slice, builtins_max = _b.slice, _b.max
-
-for _name, _fn in {
-    "__add__": add, "__radd__": lambda a, b: add(b, a),
-    "__sub__": sub, "__rsub__": lambda a, b: sub(b, a),
-    "__mul__": mul, "__rmul__": lambda a, b: mul(b, a),
-    "__truediv__": div, "__rtruediv__": lambda a, b: div(b, a),
-    "__pow__": pow, "__rpow__": lambda a, b: pow(b, a),
-    "__matmul__": matmul, "__rmatmul__": lambda a, b: matmul(b, a),
-    "__neg__": neg, "__pos__": lambda a: a, "__abs__": abs,
-    "__lt__": lt, "__le__": le, "__gt__": gt, "__ge__": ge,
-    "__getitem__": _getitem, "__bool__": _bool, "__eq__": _eq, "__ne__": _ne,
-    "__hash__": object.__hash__,
-    "sum": sum, "mean": mean, "max": max, "min": min, "reshape": reshape,
-    "astype": cast,
-}.items():
-    setattr(Node, _name, _fn)
-Node.T = property(lambda self: transpose(self))

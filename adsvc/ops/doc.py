@@ -5,7 +5,10 @@
 
 from __future__ import annotations
 
-from adsvc.ops.registry import OPS, REQUIRED
+from adsvc.ir.opdef import NONE, OPS, REQUIRED, RULE, ZERO
+
+# The table's "differentiable" column for each kind of OpDef.derivative.
+DIFFERENTIABLE = {RULE: "yes", ZERO: "zero", NONE: "no"}
 
 
 def _attr(name, spec) -> str:
@@ -23,14 +26,12 @@ def op_table_markdown() -> str:
         d = OPS[name]
         arity = "1+" if d.arity is None else str(d.arity)
         attrs = "; ".join(_attr(k, s) for k, s in d.attrs.items()) or "-"
-        diff = "yes" if d.vjp is not None and name not in ("constant", "sign") else "no"
-        if name in ("stop_gradient", "sign"):
-            diff = "zero"
+        diff = DIFFERENTIABLE[d.derivative]
         lines.append(f"| `{name}` | {arity} | {attrs} | {diff} | {d.doc} |")
     return "\n".join(lines)
 
 
 if __name__ == "__main__":
-    import adsvc  # noqa: F401  (registers the op table)
+    import adsvc.ops  # noqa: F401  (registers the op table)
 
     print(op_table_markdown())

@@ -16,8 +16,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from adsvc.ir.opdef import NONE, ZERO, OpDef, register
 from adsvc.ops import api as A
-from adsvc.ops.registry import OpDef, register
 from adsvc.ops.rules import binary, float_unary, numeric_unary
 from adsvc_protocol import dtypes
 
@@ -75,8 +75,8 @@ _unary("sqrt", np.sqrt, lambda x, y: A.div(0.5, y))
 _unary("abs", np.abs, lambda x, y: A.sign(x), numeric=True)
 _unary("square", np.square, lambda x, y: A.mul(x, 2.0))
 _unary("reciprocal", np.reciprocal, lambda x, y: A.neg(A.square(y)))
-register(OpDef("sign", 1, numeric_unary("sign"), lambda a: np.sign,
-               lambda n, ts: None, lambda n, ct: [None], doc="sign(x); derivative 0"))
+register(OpDef("sign", 1, numeric_unary("sign"), lambda a: np.sign, derivative=ZERO,
+               doc="sign(x); derivative 0"))
 
 
 # -- binary ----------------------------------------------------------------------------
@@ -189,7 +189,7 @@ CMP_SYMBOL = {"lt": "<", "le": "<=", "gt": ">", "ge": ">=", "eq": "==", "ne": "!
 
 def _cmp(name, kernel):
     register(OpDef(name, 2, binary(name, dtypes.DTYPES, out_dtype=dtypes.BOOL),
-                   lambda a: kernel, None, None,
+                   lambda a: kernel, derivative=NONE,
                    doc=f"elementwise comparison a {CMP_SYMBOL[name]} b (bool result)"))
 
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from adsvc.ir.opdef import NONE, ZERO, Attr, OpDef, register
 from adsvc.ops import api as A
-from adsvc.ops.registry import Attr, OpDef, register
 from adsvc_protocol import dtypes
 
 
@@ -13,12 +13,12 @@ def _no_infer(ins, attrs):  # constants are built by ir.node.constant, never by 
     raise AssertionError("constant nodes carry their own type")
 
 
-register(OpDef("constant", 0, _no_infer, lambda a: None, lambda n, ts: None, lambda n, ct: [],
+register(OpDef("constant", 0, _no_infer, lambda a: None, derivative=NONE,
                doc="a literal tensor (Node.value)"))
 
 register(OpDef(
     "stop_gradient", 1, lambda ins, a: (ins[0].dtype, ins[0].shape),
-    lambda a: (lambda x: x), lambda n, ts: None, lambda n, ct: [None],
+    lambda a: (lambda x: x), derivative=ZERO,
     doc="identity whose derivative is zero (cuts the gradient path)"))
 
 

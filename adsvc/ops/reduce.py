@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from adsvc.ir.opdef import Attr, OpDef, register
 from adsvc.ops import api as A
-from adsvc.ops.registry import Attr, OpDef, register
 from adsvc.ops.rules import norm_axes, reduced_shape, same_dtype
 from adsvc_protocol import dtypes
 

@@ -8,8 +8,8 @@ import math
 
 import numpy as np
 
+from adsvc.ir.opdef import Attr, OpDef, register
 from adsvc.ops import api as A
-from adsvc.ops.registry import Attr, OpDef, register
 from adsvc.ops.rules import broadcast_shapes, norm_axis, same_dtype
 from adsvc_protocol import dtypes
 from adsvc_protocol.errors import AttributeError_, DTypeError, ShapeError

@@ -1,7 +1,8 @@
 """Activity analysis: which nodes carry derivatives.
 
 A node is active when it depends on a wrt input through differentiable float ops
-(stop_gradient and integer/bool values cut the path) *and* some target output depends
+(ops whose derivative is zero or none, such as stop_gradient and sign, and
+integer/bool values cut the path) *and* some target output depends
 on it. Only active nodes get tangents or cotangents.
 """
 
@@ -12,7 +13,7 @@ from contextlib import contextmanager
 
 from adsvc.ir.graph import Graph
 from adsvc.ir.node import Node
-from adsvc.ops.registry import OPS
+from adsvc.ir.opdef import OPS, RULE
 from adsvc_protocol import dtypes
 from adsvc_protocol.errors import AdsvcError, InvalidRequestError, NotDifferentiableError
 
@@ -74,7 +75,7 @@ def active_nodes(graph: Graph, wrt: list[Node], targets: list[Node]) -> set[int]
     for node in graph.nodes:
         if id(node) in forward or not node.inputs or not dtypes.is_float(node.dtype):
             continue
-        if OPS[node.op].jvp is None or node.op == "stop_gradient":
+        if OPS[node.op].derivative != RULE:  # zero or no derivative: the path is cut
             continue
         if any(id(i) in forward for i in node.inputs):
             forward.add(id(node))

@@ -9,8 +9,8 @@ from adsvc.passes.forward import jvp_graph
 from adsvc.passes.reverse import vjp_graph
 from adsvc.passes.simplify import simplify
 from adsvc_protocol import dtypes
-from adsvc_protocol.client import normalize_modes
 from adsvc_protocol.errors import InvalidRequestError
+from adsvc_protocol.modes import normalize_modes
 
 
 def differentiate(graph: Graph, mode="reverse", wrt=None, order: int | None = None,
@@ -29,7 +29,7 @@ def differentiate(graph: Graph, mode="reverse", wrt=None, order: int | None = No
         raise InvalidRequestError("nothing to differentiate with respect to: the graph has "
                                   "no float inputs", field="wrt")
     targets = [k for k, n in graph.outputs if dtypes.is_float(n.dtype)]
-    # Nodes are simplified as they are built (see simplify.rewrite), so the derivative
+    # Nodes are simplified as they are built (the default builder's rewriter), so the derivative
     # graphs need no second pass; the input graph gets one, which is also the guarantee
     # for graphs built by other means.
     g = simplify(graph, check)
@@ -41,3 +41,19 @@ def differentiate(graph: Graph, mode="reverse", wrt=None, order: int | None = No
             g, targets = vjp_graph(g, wrt_list, targets, seed=seed and k == 1, tag=tag,
                                    check=check)
     return g
+
+
+def compile_graph(graph: Graph, modes: tuple[str, ...], wrt, seed: bool,
+                  check: Checker = None) -> Graph:
+    """What every client evaluates: `graph` simplified (no modes) or differentiated.
+    `check` may raise to stop the work (deadlines, cancellation)."""
+    if not modes:
+        return simplify(graph, check)
+    return differentiate(graph, list(modes), None if wrt is None else list(wrt),
+                         order=len(modes), seed=seed, check=check)
+
+
+def signature(graph: Graph) -> tuple[dict, dict]:
+    """({input name: (dtype, shape)}, {output name: (dtype, shape)}) in graph order."""
+    return ({n.name: (n.dtype, n.shape) for n in graph.inputs},
+            {k: (n.dtype, n.shape) for k, n in graph.outputs})

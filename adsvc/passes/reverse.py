@@ -12,8 +12,8 @@ from __future__ import annotations
 from adsvc.interrupt import CHECK_EVERY, Checker
 from adsvc.ir.graph import Graph
 from adsvc.ir.node import Node, input_node
+from adsvc.ir.opdef import OPS
 from adsvc.ops import api as A
-from adsvc.ops.registry import OPS
 from adsvc.passes.activity import (
     active_nodes,
     check_new_names,

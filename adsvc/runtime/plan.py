@@ -14,9 +14,9 @@ import numpy as np
 
 from adsvc.interrupt import CHECK_EVERY
 from adsvc.ir.graph import Graph
-from adsvc.ops.registry import OPS
-from adsvc.runtime.feeds import check_feeds
+from adsvc.ir.opdef import OPS
 from adsvc_protocol.errors import EvaluationError
+from adsvc_protocol.feeds import check_feeds
 
 
 class Plan:
@@ -25,6 +25,7 @@ class Plan:
         nodes = graph.nodes
         slot = {id(n): i for i, n in enumerate(nodes)}
         self.input_slots = [slot[id(n)] for n in graph.inputs]
+        self.inputs = {n.name: (n.dtype, n.shape) for n in graph.inputs}
         self._input_slot_set = set(self.input_slots)
         self.template: list = [None] * len(nodes)
         steps = []
@@ -55,7 +56,7 @@ class Plan:
         the work (deadlines, cancellation).
         """
         vals = list(self.template)
-        for s, arr in zip(self.input_slots, check_feeds(self.graph.inputs, feeds)):
+        for s, arr in zip(self.input_slots, check_feeds(self.inputs, feeds)):
             vals[s] = arr
         with np.errstate(all="ignore"):
             for k, (fn, ins, out, frees, node) in enumerate(self.steps):

@@ -13,22 +13,21 @@ import numpy as np
 
 from adsvc.ir.codec import graph_from_proto, graph_to_proto
 from adsvc.ir.graph import Graph
-from adsvc.local import compile_graph, signature
+from adsvc.passes.pipeline import compile_graph, signature
 from adsvc.runtime.plan import Plan
-from adsvc.server.cache import LRUCache
 from adsvc.server.config import ServerConfig
 from adsvc_protocol.dtypes import to_numpy
 from adsvc_protocol.errors import (
     HandleNotFoundError,
     InputError,
-    InvalidGraphError,
     InvalidRequestError,
     LimitExceededError,
 )
+from adsvc_protocol.lru import LRUCache
+from adsvc_protocol.modes import mode_from_enum, normalize_modes
 from adsvc_protocol.proto import ir_pb2, service_pb2
+from adsvc_protocol.recipes import Compiled
 from adsvc_protocol.tensors import from_tensor, to_tensor
-
-MODE_NAMES = {service_pb2.MODE_FORWARD: "forward", service_pb2.MODE_REVERSE: "reverse"}
 
 
 @dataclass(frozen=True)
@@ -51,7 +50,6 @@ class Entry:
     spec: Spec
     graph: Graph
     plan: Plan
-    nodes_before: int
     compile_seconds: float
     inputs: dict = field(default_factory=dict)  # name -> (dtype, shape)
     outputs: dict = field(default_factory=dict)
@@ -63,7 +61,7 @@ class Entry:
 
     def proto(self) -> ir_pb2.Graph:
         if self._proto is None:
-            self._proto = encode_graph(self.graph, "differentiated graph")
+            self._proto = graph_to_proto(self.graph)
         return self._proto
 
     def output_bytes(self) -> int:
@@ -74,26 +72,13 @@ class Entry:
 
 def spec_from_proto(d: service_pb2.Differentiation, config: ServerConfig,
                     where: str = "differentiation") -> Spec:
-    modes = []
-    for i, m in enumerate(d.modes):
-        if m not in MODE_NAMES:
-            raise InvalidRequestError(f"mode {m} is not MODE_FORWARD or MODE_REVERSE",
-                                      field=f"{where}.modes[{i}]")
-        modes.append(MODE_NAMES[m])
-    order = d.order or len(modes)
-    if len(modes) != 1 and len(modes) != order:
-        raise InvalidRequestError(f"{len(modes)} modes given for order {order}",
-                                  field=f"{where}.order")
-    # Check the limit before building `modes * order` (order can be ~2**64).
-    if config.max_order and order > config.max_order:
-        raise LimitExceededError(f"order {order} exceeds the limit of {config.max_order}",
-                                 field=f"{where}.order")
-    if len(modes) == 1 and order > 1:
-        modes *= order
+    """The Spec of a Differentiation message (modes through the one normaliser)."""
+    names = [mode_from_enum(m, f"{where}.modes[{i}]") for i, m in enumerate(d.modes)]
+    modes = normalize_modes(names, d.order or None, max_order=config.max_order,
+                            labels=("modes", "order"), field_prefix=f"{where}.")
     if not modes and (d.wrt or d.seed):
         raise InvalidRequestError("wrt/seed given without any mode", field=f"{where}.modes")
-    wrt = tuple(d.wrt) if d.wrt else None
-    return Spec(tuple(modes), wrt, bool(d.seed))
+    return Spec(modes, tuple(d.wrt) if d.wrt else None, bool(d.seed))
 
 
 def check_elements(graph: Graph, config: ServerConfig, what: str) -> None:
@@ -110,28 +95,19 @@ def check_elements(graph: Graph, config: ServerConfig, what: str) -> None:
 
 def decode_graph(proto: ir_pb2.Graph, config: ServerConfig,
                  check: Callable[[], None] | None = None) -> Graph:
-    try:
-        graph = graph_from_proto(proto, max_nodes=config.limit(config.max_nodes),
-                                 max_elements=config.limit(config.max_tensor_elements),
-                                 check=check)
-    except (ValueError, OverflowError) as e:  # numpy/protobuf range errors: a bad graph
-        raise InvalidGraphError(f"the graph cannot be decoded: {e}", field="graph") from None
+    """Decode and validate a client's graph under the server's limits."""
+    graph = graph_from_proto(proto, max_nodes=config.limit(config.max_nodes),
+                             max_elements=config.limit(config.max_tensor_elements),
+                             check=check)
     check_elements(graph, config, "graph")
     return graph
 
 
-def encode_graph(graph: Graph, what: str = "graph") -> ir_pb2.Graph:
-    """graph_to_proto, with numpy/protobuf range errors as typed errors."""
-    try:
-        return graph_to_proto(graph)
-    except (ValueError, OverflowError, TypeError) as e:
-        raise InvalidGraphError(f"the {what} cannot be encoded: {e}", field="graph") from None
-
-
-def content_hash(graph: Graph, spec: Spec) -> str:
-    """sha256 of the canonical (re-encoded, deterministic) graph and the spec."""
-    h = hashlib.sha256(encode_graph(graph).SerializeToString(deterministic=True))
-    h.update(b"\0" + repr((spec.modes, spec.wrt, spec.seed)).encode())
+def cache_key(graph: Graph, spec: Spec) -> str:
+    """The handle of a compiled graph: the graph's structural key (from its nodes'
+    digests, no encoding) and the spec."""
+    h = hashlib.blake2b(graph.key, digest_size=32)
+    h.update(repr((spec.modes, spec.wrt, spec.seed)).encode())
     return h.hexdigest()
 
 
@@ -155,7 +131,7 @@ class Compiler:
         """(entry, cache_hit). `check` may raise to stop the work (deadline, cancel); it
         is passed to the core's decoder and passes and called between stages."""
         graph = decode_graph(proto, self.config, check)
-        key = content_hash(graph, spec)
+        key = cache_key(graph, spec)
         entry = self.cache.get(key)
         if entry is not None:
             return entry, True
@@ -170,8 +146,7 @@ class Compiler:
         check_elements(out, self.config, "compiled graph")
         plan = Plan(out)
         ins, outs = signature(out)
-        entry = Entry(key, spec, out, plan, len(proto.inputs) + len(proto.nodes),
-                      time.perf_counter() - start, ins, outs)
+        entry = Entry(key, spec, out, plan, time.perf_counter() - start, ins, outs)
         if check is not None:
             check()  # finished after the deadline or a cancel: neither answer nor cache it
         self.cache.put(key, entry, weight=len(out.nodes))
@@ -210,3 +185,33 @@ def check_response_size(entry: Entry, config: ServerConfig, what: str = "respons
 def evaluate(entry: Entry, feeds: Mapping[str, np.ndarray],
              interrupt: Callable[[], None] | None) -> dict[str, np.ndarray]:
     return entry.plan.run(feeds, interrupt=interrupt)
+
+
+class Backend:
+    """The compiler and cache as the recipes' backend (the Gradient RPC): a graph proto
+    is compiled (or found) for the recipe's spec; a cached entry is used as it is when
+    it was compiled for that spec. `entry` is the last one used."""
+
+    def __init__(self, compiler: Compiler, interrupt: Callable[[], None] | None,
+                 check: Callable[[], None] | None):
+        self.compiler, self.interrupt, self.check = compiler, interrupt, check
+        self.entry: Entry | None = None
+
+    def compile(self, source, modes, wrt, seed) -> Compiled:
+        if isinstance(source, Entry):
+            want = Spec(modes, wrt if wrt is not None else source.spec.wrt, seed)
+            if source.spec != want:
+                raise InvalidRequestError(
+                    f"this handle was compiled for {source.spec.describe()}; this call needs "
+                    f"{want.describe()} (send the graph instead)", field="handle")
+            entry = source
+        else:
+            entry, _ = self.compiler.compile(source, Spec(modes, wrt, seed), self.check)
+        self.entry = entry
+        return Compiled(entry, entry.inputs, entry.outputs, entry.graph)
+
+    def run(self, compiled: Compiled, feeds) -> dict[str, np.ndarray]:
+        return evaluate(compiled.handle, feeds, self.interrupt)
+
+    def run_many(self, compiled: Compiled, feeds) -> list[dict[str, np.ndarray]]:
+        return [self.run(compiled, f) for f in feeds]

@@ -1,4 +1,5 @@
-"""The one table from typed errors to gRPC status codes, and the rich error details.
+"""Typed errors as gRPC statuses: the code (each error class's `grpc_code`) and the rich
+error details.
 
 A failed call carries a ``google.rpc.Status`` whose details are a ``BadRequest`` field
 violation (`field` names the node or input, `description` says what is wrong) and an
@@ -18,27 +19,9 @@ from adsvc_protocol import errors as E
 
 DOMAIN = "adsvc"
 
-# Most specific class first; an error maps to the first entry it is an instance of.
-STATUS_CODES: tuple[tuple[type[E.AdsvcError], grpc.StatusCode], ...] = (
-    (E.InvalidGraphError, grpc.StatusCode.INVALID_ARGUMENT),
-    (E.InvalidRequestError, grpc.StatusCode.INVALID_ARGUMENT),
-    (E.InputError, grpc.StatusCode.INVALID_ARGUMENT),
-    (E.EvaluationError, grpc.StatusCode.INVALID_ARGUMENT),
-    (E.LimitExceededError, grpc.StatusCode.RESOURCE_EXHAUSTED),
-    (E.HandleNotFoundError, grpc.StatusCode.NOT_FOUND),
-    (E.UnauthenticatedError, grpc.StatusCode.UNAUTHENTICATED),
-    (E.DeadlineExceededError, grpc.StatusCode.DEADLINE_EXCEEDED),
-    (E.CancelledError, grpc.StatusCode.CANCELLED),
-    (E.UnavailableError, grpc.StatusCode.UNAVAILABLE),
-    (E.AdsvcError, grpc.StatusCode.INTERNAL),
-)
-
-
 def status_code(err: E.AdsvcError) -> grpc.StatusCode:
-    for cls, code in STATUS_CODES:
-        if isinstance(err, cls):
-            return code
-    return grpc.StatusCode.INTERNAL
+    """The status code of an error: its class's `grpc_code` (the one table)."""
+    return getattr(grpc.StatusCode, err.grpc_code, grpc.StatusCode.INTERNAL)
 
 
 def _pack(msg) -> any_pb2.Any:

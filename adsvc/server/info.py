@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import os
 
-from adsvc.ops.registry import OPS, REQUIRED
-from adsvc.passes.validate import IR_VERSION, OPSET_VERSION
+from adsvc.ir.codec import IR_VERSION, OPSET_VERSION
+from adsvc.ir.opdef import NONE, OPS, REQUIRED, RULE, ZERO
 from adsvc.server.config import ServerConfig
 from adsvc_protocol.proto import ir_pb2, service_pb2
 from adsvc_protocol.tensors import TO_ENUM
 
+DERIVATIVES = {RULE: service_pb2.DERIVATIVE_RULE, ZERO: service_pb2.DERIVATIVE_ZERO,
+               NONE: service_pb2.DERIVATIVE_NONE}
 KINDS = {
     "int": service_pb2.ATTR_KIND_INT, "float": service_pb2.ATTR_KIND_FLOAT,
     "str": service_pb2.ATTR_KIND_STRING, "bool": service_pb2.ATTR_KIND_BOOL,
@@ -35,7 +37,8 @@ def op_list() -> list[service_pb2.OpInfo]:
     for name in sorted(OPS):
         op = OPS[name]
         info = service_pb2.OpInfo(name=name, arity=op.arity or 0, variadic=op.arity is None,
-                                  differentiable=op.differentiable, doc=op.doc)
+                                  differentiable=op.derivative == RULE,
+                                  derivative=DERIVATIVES[op.derivative], doc=op.doc)
         for key in sorted(op.attrs):
             a = op.attrs[key]
             ai = info.attrs.add(name=key, kind=KINDS[a.kind], required=a.default is REQUIRED,
@@ -57,7 +60,7 @@ def limits(config: ServerConfig) -> service_pb2.Limits:
 
 
 def server_info(config: ServerConfig, stats: service_pb2.ServerStats) -> service_pb2.ServerInfo:
-    from adsvc import __version__
+    from adsvc.version import __version__
 
     return service_pb2.ServerInfo(
         server_version=__version__, ir_version=IR_VERSION, opset_version=OPSET_VERSION,

@@ -17,9 +17,10 @@ from collections import namedtuple
 
 import grpc
 
+from adsvc.interrupt import CHECK_EVERY
 from adsvc.server import errors as status_table
 from adsvc.server.compiler import (
-    MODE_NAMES,
+    Backend,
     Compiler,
     check_response_size,
     decode_feeds,
@@ -28,9 +29,9 @@ from adsvc.server.compiler import (
     spec_from_proto,
 )
 from adsvc.server.config import ServerConfig
-from adsvc.server.gradient import value_and_grad
 from adsvc.server.info import server_info
 from adsvc.server.watchdog import Watchdog
+from adsvc_protocol import recipes
 from adsvc_protocol.errors import (
     AdsvcError,
     CancelledError,
@@ -39,6 +40,7 @@ from adsvc_protocol.errors import (
     LimitExceededError,
     UnauthenticatedError,
 )
+from adsvc_protocol.modes import REVERSE, mode_from_enum
 from adsvc_protocol.proto import ir_pb2, service_pb2, service_pb2_grpc
 from adsvc_protocol.tensors import TO_ENUM, to_tensor
 
@@ -87,6 +89,7 @@ class Call:
         self.interrupted = False
         self.idle_expired = False
         self.detail = ""
+        self.status = "OK"  # the status code name the call ended with (logged)
 
     def interrupt(self) -> None:
         """Raise if the deadline expired or the client went away (stops the evaluator)."""
@@ -112,7 +115,6 @@ def _call(method):
 
     def _run(self, request, context, body):
         call = self._begin(rpc, context)
-        status = "OK"
         slot = False
         try:
             self._authorize(call)
@@ -121,28 +123,13 @@ def _call(method):
             result = yield from body(call)
             return result
         except AdsvcError as e:
-            status = status_table.status_code(e).name
-            if call.interrupted:
-                self._count("evaluations_interrupted")
-                call.detail += (f" interrupted after {call.checks * 256} evaluation steps"
-                                if call.checks else " interrupted while compiling")
-            if call.idle_expired:
-                status = "CANCELLED"
-                call.detail += " idle"
-                return None
-            self._abort(call, status_table.to_status(e, call.field_prefix))
+            self._failed(call, e)  # aborts the call, unless it already went idle
         except Exception:
-            if call.idle_expired or not context.is_active():
-                status = "CANCELLED"
-                call.detail += " idle" if call.idle_expired else ""
-                return None
-            status = "INTERNAL"
-            log.exception("rpc=%s request_id=%s failed", rpc, call.request_id)
-            self._abort(call, status_table.internal_status(call.request_id))
+            self._crashed(call)
         finally:
             if slot:
                 self._slots.release()
-            self._end(call, status)
+            self._end(call)
 
     if streaming:
         @functools.wraps(method)
@@ -202,11 +189,34 @@ class AutodiffServicer(service_pb2_grpc.AutodiffServiceServicer):
             self.counters["calls_total"] += 1
         return call
 
-    def _end(self, call: Call, status: str) -> None:
+    def _end(self, call: Call) -> None:
         self._count("calls_in_flight", -1)
         log.info("rpc=%s request_id=%s status=%s ms=%.1f peer=%s%s", call.rpc, call.request_id,
-                 status, (time.perf_counter() - call.start) * 1000, call.context.peer(),
+                 call.status, (time.perf_counter() - call.start) * 1000, call.context.peer(),
                  call.detail)
+
+    def _failed(self, call: Call, e: AdsvcError) -> None:
+        """A typed error: its status (with rich details) ends the call."""
+        call.status = status_table.status_code(e).name
+        if call.interrupted:
+            self._count("evaluations_interrupted")
+            call.detail += (f" interrupted after {call.checks * CHECK_EVERY} evaluation steps"
+                            if call.checks else " interrupted while compiling")
+        if call.idle_expired:  # the watchdog cancelled it: nobody is listening
+            call.status = "CANCELLED"
+            call.detail += " idle"
+            return
+        self._abort(call, status_table.to_status(e, call.field_prefix))
+
+    def _crashed(self, call: Call) -> None:
+        """A bug (or a client gone away mid-call): INTERNAL with the request id only."""
+        if call.idle_expired or not call.context.is_active():
+            call.status = "CANCELLED"
+            call.detail += " idle" if call.idle_expired else ""
+            return
+        call.status = "INTERNAL"
+        log.exception("rpc=%s request_id=%s failed", call.rpc, call.request_id)
+        self._abort(call, status_table.internal_status(call.request_id))
 
     def _authorize(self, call: Call) -> None:
         token = self.config.token
@@ -323,12 +333,7 @@ class AutodiffServicer(service_pb2_grpc.AutodiffServiceServicer):
 
     @_call
     def Gradient(self, request, call):
-        if request.mode == service_pb2.MODE_UNSPECIFIED:
-            mode = "reverse"
-        elif request.mode in MODE_NAMES:
-            mode = MODE_NAMES[request.mode]
-        else:
-            raise InvalidRequestError(f"unknown mode {request.mode}", field="mode")
+        mode = mode_from_enum(request.mode, "mode", default=REVERSE)
         kind = request.WhichOneof("source")
         if kind == "handle":
             source = self.compiler.lookup(request.handle)
@@ -337,9 +342,11 @@ class AutodiffServicer(service_pb2_grpc.AutodiffServiceServicer):
         else:
             raise InvalidRequestError("set either graph or handle", field="source")
         feeds = decode_feeds(request.inputs, self.config)
-        wrt = tuple(request.wrt) if request.wrt else None
-        value, grads, name, entry = value_and_grad(self.compiler, source, mode, wrt, feeds,
-                                                   call.interrupt, call.stop_if_done)
+        backend = Backend(self.compiler, call.interrupt, call.stop_if_done)
+        value, grads = recipes.value_and_grad(backend, source, tuple(request.wrt) or None,
+                                              mode, feeds)
+        entry = backend.entry
+        name = recipes.scalar_output(entry.outputs)
         resp = service_pb2.GradientResponse(
             value=to_tensor(value, entry.outputs[name][0]), output_name=name,
             handle=entry.handle,

@@ -1,9 +1,17 @@
-"""adsvc SDK: talk to an adsvc server with the same interface as `adsvc.local()`."""
+"""adsvc SDK: talk to an adsvc server with the same interface as `adsvc.local()`.
 
-from adsvc_protocol.errors import AdsvcError  # noqa: F401
+Installable alone (`pip install ./clients/python`, with the protocol layer
+`adsvc_protocol`); it then speaks `adsvc.v1.Graph` protos. `adsvc.connect` is the same
+client speaking traced adsvc graphs too.
+"""
+
+from adsvc_protocol.errors import AdsvcError
+
+__all__ = ["AdsvcError", "connect"]
 
 
 def connect(target: str, **kw):
+    """A `RemoteClient` for the server at `target` ("host:port"); see its docstring."""
     from adsvc_client.remote import RemoteClient
 
     return RemoteClient(target, **kw)

@@ -3,44 +3,36 @@
 Graphs are compiled once per (graph, modes, wrt, seed) with Differentiate and then
 named by their content-hash handle; if the server does not hold a handle (restart,
 eviction, another replica behind a load balancer) the graph is re-sent transparently.
-Error statuses come back as the same typed exceptions the local client raises.
+Error statuses come back as the same typed exceptions the local client raises. Feeds
+are checked and converted against the compiled graph's inputs before they are sent (the
+rule the server applies). Graphs are of the type the client's `GraphCodec` speaks:
+`adsvc.v1.Graph` protos by default; `adsvc.connect` passes adsvc's codec, so traced
+graphs go in and `differentiate` returns an `adsvc.Graph`.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
-import threading
 import uuid
-from collections import OrderedDict
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import grpc
 import numpy as np
-from google.rpc import error_details_pb2
-from grpc_status import rpc_status
 
+from adsvc_client.status import error_from_rpc
 from adsvc_protocol import errors as E
 from adsvc_protocol.client import ClientBase, Compiled
+from adsvc_protocol.feeds import check_feeds
+from adsvc_protocol.graphs import PROTOS, GraphCodec
+from adsvc_protocol.lru import LRUCache
+from adsvc_protocol.modes import TO_ENUM
 from adsvc_protocol.proto import ir_pb2, service_pb2, service_pb2_grpc
 from adsvc_protocol.tensors import dtype_from_enum, from_tensor, to_tensor
 
 SERVICE = "adsvc.v1.AutodiffService"
-MODE_ENUM = {"forward": service_pb2.MODE_FORWARD, "reverse": service_pb2.MODE_REVERSE}
 DEFAULT_MAX_MESSAGE_BYTES = 64 * 1024 * 1024
 FALLBACK_STREAM_FEEDS = 1024  # feeds per stream when the server's limit is unknown
-
-# A status without our ErrorInfo (raised by gRPC itself) -> exception class.
-_BY_CODE = {
-    grpc.StatusCode.INVALID_ARGUMENT: E.InvalidRequestError,
-    grpc.StatusCode.RESOURCE_EXHAUSTED: E.LimitExceededError,
-    grpc.StatusCode.NOT_FOUND: E.HandleNotFoundError,
-    grpc.StatusCode.UNAUTHENTICATED: E.UnauthenticatedError,
-    grpc.StatusCode.DEADLINE_EXCEEDED: E.DeadlineExceededError,
-    grpc.StatusCode.UNAVAILABLE: E.UnavailableError,
-    grpc.StatusCode.CANCELLED: E.CancelledError,
-}
 
 
 def service_config(max_attempts: int = 4) -> str:
@@ -54,63 +46,17 @@ def service_config(max_attempts: int = 4) -> str:
     }]})
 
 
-def error_from_rpc(err: grpc.RpcError) -> E.AdsvcError:
-    """The typed exception for a failed call (class from ErrorInfo.reason)."""
-    code = err.code() if hasattr(err, "code") else grpc.StatusCode.UNKNOWN
-    message = (err.details() if hasattr(err, "details") else None) or str(err)
-    field = description = reason = context = ""
-    cycle = ()
-    try:
-        status = rpc_status.from_call(err)
-    except ValueError:  # inconsistent status details
-        status = None
-    for detail in status.details if status is not None else ():
-        if detail.Is(error_details_pb2.BadRequest.DESCRIPTOR):
-            br = error_details_pb2.BadRequest()
-            detail.Unpack(br)
-            if br.field_violations:
-                field = br.field_violations[0].field
-                description = br.field_violations[0].description
-        elif detail.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
-            info = error_details_pb2.ErrorInfo()
-            detail.Unpack(info)
-            reason = info.reason
-            context = info.metadata.get("context", "")
-            if info.metadata.get("cycle"):
-                cycle = [int(c) for c in info.metadata["cycle"].split(",")]
-    cls = E.ERROR_CLASSES.get(reason) or _BY_CODE.get(code, E.AdsvcError)
-    if not description:
-        description = f"{code.name}: {message}" if cls is E.AdsvcError else message
-    if cls is E.CycleError:
-        return E.CycleError(description, field, context, cycle=cycle)
-    return cls(description, field, context)
-
-
-def _graph_proto(g) -> ir_pb2.Graph:
-    if isinstance(g, ir_pb2.Graph):
-        return g
-    to_proto = getattr(g, "to_proto", None)
-    if to_proto is None:
-        raise E.InvalidRequestError(
-            f"expected an adsvc graph or an adsvc.v1.Graph proto, got {type(g).__name__}",
-            field="graph")
-    return to_proto()
-
-
 def _signature(named) -> dict[str, tuple[str, tuple[int, ...]]]:
     return {t.name: (dtype_from_enum(t.type.dtype, t.name, E.AdsvcError),
                      tuple(int(d) for d in t.type.dims)) for t in named}
 
 
-def _encode_feeds(feeds: Mapping[str, object], prefix: str = "") -> dict[str, ir_pb2.Tensor]:
-    out = {}
-    for name, value in feeds.items():
-        try:
-            out[name] = to_tensor(value)
-        except (TypeError, ValueError) as e:
-            raise E.InputError(f"input {name!r} cannot be sent as a tensor: {e}",
-                               field=f"{prefix}inputs.{name}") from None
-    return out
+def _encode_feeds(compiled: Compiled, feeds: Mapping[str, object],
+                  prefix: str = "") -> dict[str, ir_pb2.Tensor]:
+    """The feeds checked and converted against the compiled graph's inputs (the rule the
+    server applies too), as tensors of the declared dtypes."""
+    arrays = check_feeds(compiled.inputs, feeds, prefix)
+    return {name: to_tensor(a, sig[0]) for (name, sig), a in zip(compiled.inputs.items(), arrays)}
 
 
 def _decode(tensors: Mapping[str, ir_pb2.Tensor]) -> dict[str, np.ndarray]:
@@ -157,8 +103,9 @@ class RemoteClient(ClientBase):
     def __init__(self, target: str, *, timeout: float | None = None, token: str | None = None,
                  max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES, max_attempts: int = 4,
                  credentials: grpc.ChannelCredentials | None = None, options=(),
-                 cache_size: int = 128):
+                 cache_size: int = 128, graphs: GraphCodec = PROTOS):
         self.target = target
+        self.graphs = graphs
         self.default_timeout = timeout
         self._token = token
         opts = [
@@ -172,9 +119,7 @@ class RemoteClient(ClientBase):
                          if credentials is not None
                          else grpc.insecure_channel(target, options=opts))
         self._stub = service_pb2_grpc.AutodiffServiceStub(self._channel)
-        self._compiled: OrderedDict[tuple, RemoteCompiled] = OrderedDict()
-        self._cache_size = cache_size
-        self._lock = threading.Lock()
+        self.cache = LRUCache(cache_size)
         self._stream_feeds: int | None = None  # the server's max_stream_feeds, once known
 
     # -- plumbing ----------------------------------------------------------------------
@@ -198,13 +143,9 @@ class RemoteClient(ClientBase):
         return self._call(self._stub.GetServerInfo, service_pb2.GetServerInfoRequest(), timeout)
 
     def close(self) -> None:
+        """Close the channel and drop the cached handles."""
         self._channel.close()
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.close()
+        self.cache.clear()
 
     # -- primitives --------------------------------------------------------------------
     def _differentiate(self, graph, diff, omit_graph: bool, timeout):
@@ -212,37 +153,28 @@ class RemoteClient(ClientBase):
             graph=graph, differentiation=diff, omit_graph=omit_graph), timeout)
 
     def _compile(self, g, modes, wrt, seed, timeout) -> Compiled:
-        graph = _graph_proto(g)  # modes were checked by ClientBase (normalize_modes)
-        diff = service_pb2.Differentiation(modes=[MODE_ENUM[m] for m in modes],
+        # modes were checked by ClientBase (normalize_modes); a cached graph is not encoded
+        key = (self.graphs.key(g), tuple(modes), None if wrt is None else tuple(wrt),
+               bool(seed))
+        hit = self.cache.get(key)
+        if hit is not None:
+            return hit
+        graph = self.graphs.encode(g)
+        diff = service_pb2.Differentiation(modes=[TO_ENUM[m] for m in modes],
                                            wrt=list(wrt or ()), seed=bool(seed))
-        key = (hashlib.sha256(graph.SerializeToString(deterministic=True)).digest(),
-               tuple(modes), None if wrt is None else tuple(wrt), bool(seed))
-        with self._lock:
-            hit = self._compiled.get(key)
-            if hit is not None:
-                self._compiled.move_to_end(key)
-                return hit
         resp = self._differentiate(graph, diff, True, timeout)
 
         def fetch():
-            full = self._differentiate(graph, diff, False, timeout)
-            try:
-                from adsvc.ir.codec import graph_from_proto
-            except ImportError:  # the SDK installed on its own
-                return full.graph
-            return graph_from_proto(full.graph)
+            return self.graphs.decode(self._differentiate(graph, diff, False, timeout).graph)
 
         compiled = RemoteCompiled(RemoteHandle(resp.handle, graph, diff),
                                   _signature(resp.inputs), _signature(resp.outputs), fetch)
-        with self._lock:
-            self._compiled[key] = compiled
-            while len(self._compiled) > self._cache_size:
-                self._compiled.popitem(last=False)
+        self.cache.put(key, compiled)
         return compiled
 
     def _run(self, compiled, feeds, timeout) -> dict[str, np.ndarray]:
         h: RemoteHandle = compiled.handle
-        inputs = _encode_feeds(feeds)
+        inputs = _encode_feeds(compiled, feeds)
         try:
             resp = self._call(self._stub.Evaluate,
                               service_pb2.EvaluateRequest(handle=h.handle, inputs=inputs),
@@ -266,7 +198,7 @@ class RemoteClient(ClientBase):
 
     def _run_many(self, compiled, feeds: Sequence[Mapping[str, object]],
                   timeout) -> list[dict[str, np.ndarray]]:
-        encoded = [_encode_feeds(f, f"feeds[{i}].") for i, f in enumerate(feeds)]
+        encoded = [_encode_feeds(compiled, f, f"feeds[{i}].") for i, f in enumerate(feeds)]
         if not encoded:
             return []
         chunk = len(encoded) if len(encoded) == 1 else self._stream_chunk(timeout)

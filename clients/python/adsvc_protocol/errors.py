@@ -1,19 +1,24 @@
 """Typed errors shared by the compiler, the server and the SDK.
 
 Every error names what is wrong: `field` locates it (``nodes[id=7]``, ``inputs.x``,
-``outputs.z``) and `description` says what. The server maps each class to a gRPC
-status code (`grpc_code`) and a ``google.rpc.BadRequest`` field violation; the SDK
-turns that detail back into the same class, so local and remote callers catch the
-same exceptions.
+``outputs.z``) and `description` says what. Each class states its gRPC status code
+(`grpc_code`, the one table: the server answers with it, the SDK maps a status that
+carries no class back with `class_for_status`) and how the CLI exits on it
+(`exit_status`). The server adds a ``google.rpc.BadRequest`` field violation naming
+the class; the SDK turns that detail back into the same class, so local and remote
+callers catch the same exceptions.
 """
 
 from __future__ import annotations
 
 
 class AdsvcError(Exception):
-    """Base class. `grpc_code` is the name of the gRPC status code the server returns."""
+    """Base class. `grpc_code` is the name of the gRPC status code the server returns;
+    `exit_status` is the CLI's exit status (1: the engine or server failed; 2: the
+    command line, an expression or a file is wrong)."""
 
     grpc_code = "INTERNAL"
+    exit_status = 1
 
     def __init__(self, description: str, field: str = "", context: str = ""):
         self.description = description
@@ -23,6 +28,17 @@ class AdsvcError(Exception):
         if context:
             msg = f"{msg}\n{context}"
         super().__init__(msg)
+
+    def summary(self) -> str:
+        """One line for people (the CLI prints it): class, field and description."""
+        where = f"{self.field}: " if self.field else ""
+        return f"{type(self).__name__.rstrip('_')}: {where}{one_line(self.description)}"
+
+
+def one_line(text) -> str:
+    """The first line of `text` with its white space folded."""
+    first = str(text).strip().splitlines()
+    return " ".join(first[0].split()) if first else ""
 
 
 class InvalidGraphError(AdsvcError):
@@ -143,3 +159,28 @@ ERROR_CLASSES: dict[str, type[AdsvcError]] = {
         UnauthenticatedError, DeadlineExceededError, UnavailableError, CancelledError,
     ]
 }
+
+
+class UsageError(AdsvcError):
+    """The command line, an expression or a graph file is wrong (CLI exit status 2).
+    Its summary is the description alone, after the class's `prefix`."""
+
+    grpc_code = "INVALID_ARGUMENT"
+    exit_status = 2
+    prefix = ""
+
+    def summary(self) -> str:
+        return self.prefix + one_line(self.description)
+
+
+ERROR_CLASSES[UsageError.__name__] = UsageError
+
+# The class for a status that carries no class name (raised by gRPC itself or a proxy).
+_FOR_STATUS = {cls.grpc_code: cls for cls in (
+    InvalidRequestError, LimitExceededError, HandleNotFoundError, UnauthenticatedError,
+    DeadlineExceededError, UnavailableError, CancelledError)}
+
+
+def class_for_status(code_name: str) -> type[AdsvcError]:
+    """The error class for a gRPC status code name without an ErrorInfo reason."""
+    return _FOR_STATUS.get(code_name, AdsvcError)

@@ -1,10 +1,12 @@
 """The op table: one declaration per op.
 
 An `OpDef` holds everything adsvc knows about an op: arity, attributes, the
-shape/dtype rule, the numpy kernel, and the JVP and VJP rules. Rules are written with
-the graph builder (they emit nodes), and return None for a symbolic zero derivative.
-Adding an op means adding one `OpDef` in one of the modules of this package; the
-op-table-driven tests then pick it up.
+shape/dtype rule, the numpy kernel, the JVP and VJP rules, and what kind of derivative
+it has (`derivative`: a rule, identically zero, or none). Rules are written with the
+graph builder (they emit nodes) and return None for a symbolic zero derivative. The
+declarations live in `adsvc.ops` (one module per family) and register themselves
+here; the builder, the decoder, the passes, the plan, the op docs and GetServerInfo
+all read this one table.
 """
 
 from __future__ import annotations
@@ -15,9 +17,15 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from adsvc_protocol import dtypes
-from adsvc_protocol.errors import ArityError, AttributeError_, UnknownOpError
+from adsvc_protocol.errors import ArityError, AttributeError_, ShapeError, UnknownOpError
 
 REQUIRED = object()
+
+# What differentiating through an op means (OpDef.derivative):
+RULE = "rule"  # JVP and VJP rules give the derivative
+ZERO = "zero"  # the derivative is identically zero (sign, stop_gradient): cuts the path
+NONE = "none"  # no derivative: no operands (constant) or a bool result (comparisons)
+DERIVATIVES = (RULE, ZERO, NONE)
 
 
 @dataclass(frozen=True)
@@ -39,10 +47,15 @@ class OpDef:
     vjp: Callable | None = None  # (node, ct: Node) -> list[Node|None], one per operand
     attrs: dict[str, Attr] = field(default_factory=dict)
     doc: str = ""
+    derivative: str = RULE
 
-    @property
-    def differentiable(self) -> bool:
-        return self.jvp is not None
+    def __post_init__(self):
+        if self.derivative not in DERIVATIVES:
+            raise ValueError(f"op {self.name!r}: derivative must be one of {DERIVATIVES}")
+        has_rules = self.jvp is not None and self.vjp is not None
+        if has_rules != (self.derivative == RULE):
+            raise ValueError(f"op {self.name!r}: derivative={self.derivative!r} needs "
+                             + ("JVP and VJP rules" if self.derivative == RULE else "no rules"))
 
 
 OPS: dict[str, OpDef] = {}
@@ -113,8 +126,6 @@ MAX_ELEMENTS = 2**62  # beyond this, element counts and byte sizes overflow int6
 
 def check_shape(what: str, shape: tuple[int, ...]) -> None:
     """Every dimension >= 0 and the element count representable (exact Python ints)."""
-    from adsvc_protocol.errors import ShapeError
-
     if any(d < 0 for d in shape):
         raise ShapeError(f"{what}: negative dimension in {list(shape)}")
     if math.prod(shape) >= MAX_ELEMENTS or any(d >= MAX_ELEMENTS for d in shape):

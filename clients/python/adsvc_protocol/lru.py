@@ -1,9 +1,11 @@
-"""A bounded, thread-safe LRU of compiled graphs keyed by content hash."""
+"""A bounded, thread-safe, weighted LRU: the one cache class of the in-process client,
+the SDK and the server."""
 
 from __future__ import annotations
 
 import threading
 from collections import OrderedDict
+from collections.abc import Hashable
 from typing import Any
 
 
@@ -11,20 +13,20 @@ class LRUCache:
     """get/put with least-recently-used eviction; counts hits and misses.
 
     Bounded by entry count (`capacity`) and by the total weight of the entries
-    (`max_weight`, e.g. compiled nodes; 0 = unbounded): eviction runs until both hold,
-    and an item heavier than the whole weight budget is not cached at all.
+    (`max_weight`, e.g. compiled nodes or bytes; 0 = unbounded): eviction runs until
+    both hold, and an item heavier than the whole weight budget is not cached at all.
     """
 
     def __init__(self, capacity: int, max_weight: int = 0):
         self.capacity = capacity
         self.max_weight = max_weight
-        self._items: OrderedDict[str, tuple[Any, int]] = OrderedDict()
+        self._items: OrderedDict[Hashable, tuple[Any, int]] = OrderedDict()
         self._lock = threading.Lock()
         self.weight = 0
         self.hits = 0
         self.misses = 0
 
-    def get(self, key: str):
+    def get(self, key: Hashable):
         with self._lock:
             found = self._items.get(key)
             if found is None:
@@ -34,7 +36,7 @@ class LRUCache:
             self._items.move_to_end(key)
             return found[0]
 
-    def put(self, key: str, item, weight: int = 1) -> None:
+    def put(self, key: Hashable, item, weight: int = 1) -> None:
         if self.capacity <= 0 or (self.max_weight and weight > self.max_weight):
             return
         with self._lock:

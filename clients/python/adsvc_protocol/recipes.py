@@ -1,0 +1,199 @@
+"""Client recipes: values and derivatives as functions over compile and run.
+
+Every recipe takes a `Backend` — anything that can compile a graph for a list of modes
+and run the result — so the in-process client, the SDK and the server's Gradient RPC
+compute the same answer with the same code. The names the passes add (``tangent:x``,
+``grad:x`` ...) are read with `adsvc_protocol.names`; dense Jacobians and Hessians are
+one sweep per element of the seeded inputs (`basis`).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import numpy as np
+
+from adsvc_protocol import dtypes, names
+from adsvc_protocol.errors import InvalidRequestError
+from adsvc_protocol.feeds import TypeSig
+from adsvc_protocol.modes import FORWARD, REVERSE, single_mode
+
+Feeds = Mapping[str, Any]
+
+
+@dataclass
+class Compiled:
+    """A compiled (differentiated, planned) graph: a backend's handle and its signature."""
+
+    handle: Any
+    inputs: dict[str, TypeSig]
+    outputs: dict[str, TypeSig]
+    graph: Any = None  # the differentiated graph, in the backend's representation
+
+
+class Backend(Protocol):
+    def compile(self, graph, modes: tuple[str, ...], wrt: tuple[str, ...] | None,
+                seed: bool) -> Compiled: ...
+
+    def run(self, compiled: Compiled, feeds: Feeds) -> dict[str, np.ndarray]: ...
+
+    def run_many(self, compiled: Compiled,
+                 feeds: Sequence[Feeds]) -> list[dict[str, np.ndarray]]: ...
+
+
+# -- shared rules ---------------------------------------------------------------------
+def wrt_tuple(wrt) -> tuple[str, ...] | None:
+    """`wrt` as a tuple of input names (None: every float input)."""
+    if wrt is None:
+        return None
+    return (wrt,) if isinstance(wrt, str) else tuple(wrt)
+
+
+def ordered(out: Mapping[str, Any], order) -> dict[str, Any]:
+    """`out` in the order of the names in `order` (a graph's outputs); a server's map
+    has no order."""
+    return {k: out[k] for k in order if k in out}
+
+
+def scalar_output(outputs: Mapping[str, TypeSig]) -> str:
+    """The name of the one scalar float output a gradient needs, or InvalidRequestError."""
+    primal = [k for k in outputs if names.is_primal(k)]
+    floats = [k for k in primal if dtypes.is_float(outputs[k][0])]
+    if len(floats) != 1 or tuple(outputs[floats[0]][1]) != ():
+        raise InvalidRequestError(
+            "a gradient needs exactly one scalar float output; this graph has "
+            + (", ".join(f"{k}{list(outputs[k][1])}" for k in primal) or "none")
+            + " (use jacobian or vjp)", field="outputs")
+    return floats[0]
+
+
+def zeros(sig: TypeSig) -> np.ndarray:
+    return np.zeros(sig[1], dtype=dtypes.to_numpy(sig[0]))
+
+
+def size(sig: TypeSig) -> int:
+    return math.prod(sig[1])
+
+
+def basis(seeds: Mapping[str, TypeSig]) -> Iterator[tuple[str, int, dict[str, np.ndarray]]]:
+    """(seed name, flat index e, feeds): every seed input zero except element e of one,
+    which is 1 — the directions of a dense Jacobian, one sweep each."""
+    base = {k: zeros(sig) for k, sig in seeds.items()}
+    for name, sig in seeds.items():
+        for e in range(size(sig)):
+            one = zeros(sig)
+            one.reshape(-1)[e] = 1
+            yield name, e, {**base, name: one}
+
+
+def _sweeps(b: Backend, c: Compiled, feeds: Feeds, seeds: list[str]):
+    """[(seed name, e, outputs)] of one run per basis direction of `seeds`."""
+    runs, index = [], []
+    for name, e, seed in basis({k: c.inputs[k] for k in seeds}):
+        runs.append({**feeds, **seed})
+        index.append((name, e))
+    outs = b.run_many(c, runs) if runs else []
+    return [(name, e, out) for (name, e), out in zip(index, outs)]
+
+
+# -- recipes --------------------------------------------------------------------------
+def evaluate(b: Backend, g, feeds: Feeds) -> dict[str, np.ndarray]:
+    """{output name: value} of `g` at `feeds`."""
+    c = b.compile(g, (), None, False)
+    return ordered(b.run(c, feeds), c.outputs)
+
+
+def value_and_grad(b: Backend, g, wrt, mode: str, feeds: Feeds):
+    """(value, {wrt input: gradient}) of a graph with exactly one scalar float output;
+    the output's name is `scalar_output(compiled.outputs)`."""
+    if single_mode(mode) == REVERSE:
+        c = b.compile(g, (REVERSE,), wrt_tuple(wrt), True)
+        out = ordered(b.run(c, feeds), c.outputs)
+        name = scalar_output(c.outputs)
+        return out[name], {x: out[names.grad(x)] for x in names.bases(out, names.GRAD)}
+    c = b.compile(g, (FORWARD,), wrt_tuple(wrt), False)
+    name = scalar_output(c.outputs)
+    xs = names.bases(c.inputs, names.TANGENT)
+    seeds = [names.tangent(x) for x in xs]
+    grads = {x: zeros(c.inputs[s]) for x, s in zip(xs, seeds)}
+    sweeps = _sweeps(b, c, feeds, seeds)
+    if not sweeps:  # every wrt input is empty: just evaluate
+        value = b.run(c, {**feeds, **{s: zeros(c.inputs[s]) for s in seeds}})[name]
+        return value, grads
+    for seed, e, out in sweeps:
+        grads[names.parse(seed).base].reshape(-1)[e] = out[names.tangent(name)]
+    return sweeps[0][2][name], grads
+
+
+def jvp(b: Backend, g, primals: Feeds, tangents: Feeds):
+    """(outputs, {output: J @ tangent}): forward mode along `tangents` (by input name)."""
+    c = b.compile(g, (FORWARD,), tuple(tangents), False)
+    out = b.run(c, {**primals, **{names.tangent(k): v for k, v in tangents.items()}})
+    return split(out, c, names.TANGENT)
+
+
+def vjp(b: Backend, g, primals: Feeds, cotangents: Feeds, wrt=None):
+    """(outputs, {wrt input: J^T @ cotangent}); missing output cotangents are zero."""
+    c = b.compile(g, (REVERSE,), wrt_tuple(wrt), False)
+    cts = {k: zeros(v) for k, v in c.inputs.items()
+           if (d := names.parse(k)) is not None and d.kind == names.COTANGENT}
+    for k, v in cotangents.items():
+        if names.cotangent(k) not in cts:
+            raise InvalidRequestError(f"no float output named {k!r} to take a cotangent for",
+                                      field=f"cotangents.{k}")
+        cts[names.cotangent(k)] = v
+    return split(b.run(c, {**primals, **cts}), c, names.GRAD)
+
+
+def jacobian(b: Backend, g, wrt, mode: str, feeds: Feeds) -> dict[str, dict[str, np.ndarray]]:
+    """{output: {input: array of shape output.shape + input.shape}} (float outputs)."""
+    mode = single_mode(mode)
+    c = b.compile(g, (mode,), wrt_tuple(wrt), False)
+    if not any(dtypes.is_float(t[0]) for k, t in c.outputs.items() if names.is_primal(k)):
+        raise InvalidRequestError("the graph has no float output to differentiate",
+                                  field="outputs")
+    if mode == FORWARD:
+        ins = names.bases(c.inputs, names.TANGENT)
+        outs = names.bases(c.outputs, names.TANGENT)
+        seeds = [names.tangent(x) for x in ins]
+    else:
+        outs = names.bases(c.inputs, names.COTANGENT)
+        ins = names.bases(c.outputs, names.GRAD)
+        seeds = [names.cotangent(o) for o in outs]
+    jac = {o: {x: np.zeros((size(c.outputs[o]), size(c.inputs[x])),
+                           dtype=dtypes.to_numpy(c.outputs[o][0])) for x in ins} for o in outs}
+    for seed, e, out in _sweeps(b, c, feeds, seeds):
+        base = names.parse(seed).base
+        if mode == FORWARD:  # column e of every output's block for input `base`
+            for o in outs:
+                jac[o][base][:, e] = np.ravel(out[names.tangent(o)])
+        else:  # row e of output `base`'s blocks
+            for x in ins:
+                jac[base][x][e, :] = np.ravel(out[names.grad(x)])
+    return {o: {x: a.reshape(tuple(c.outputs[o][1]) + tuple(c.inputs[x][1]))
+                for x, a in row.items()} for o, row in jac.items()}
+
+
+def hessian(b: Backend, g, wrt, feeds: Feeds) -> dict[str, dict[str, np.ndarray]]:
+    """{x_i: {x_j: d2f/dx_i dx_j of shape x_i.shape + x_j.shape}} (forward over reverse)."""
+    c = b.compile(g, (REVERSE, FORWARD), wrt_tuple(wrt), True)
+    scalar_output(c.outputs)
+    xs = names.bases(c.inputs, names.TANGENT, 2)
+    h = {xi: {xj: np.zeros((size(c.inputs[xi]), size(c.inputs[xj])),
+                           dtype=dtypes.to_numpy(c.inputs[xi][0])) for xj in xs} for xi in xs}
+    for seed, e, out in _sweeps(b, c, feeds, [names.tangent(x, 2) for x in xs]):
+        xj = names.parse(seed).base
+        for xi in xs:
+            h[xi][xj][:, e] = np.ravel(out[names.tangent(names.grad(xi), 2)])
+    return {xi: {xj: a.reshape(tuple(c.inputs[xi][1]) + tuple(c.inputs[xj][1]))
+                 for xj, a in row.items()} for xi, row in h.items()}
+
+
+def split(out: Mapping[str, Any], c: Compiled, kind: str):
+    """(primal outputs, {base: value} of the first-pass outputs of `kind`)."""
+    out = ordered(out, c.outputs)
+    primal = {k: v for k, v in out.items() if names.is_primal(k)}
+    return primal, {base: out[names.derived(kind, base)] for base in names.bases(out, kind)}
