@@ -115,7 +115,6 @@ def _parse_value(name: str, text: str) -> np.ndarray:
 class Loaded:
     graph: Any  # adsvc.Graph
     feeds: dict[str, np.ndarray]
-    from_file: bool
 
 
 def load(spec: str, at: dict[str, np.ndarray], need_values: bool) -> Loaded:
@@ -134,7 +133,7 @@ def load(spec: str, at: dict[str, np.ndarray], need_values: bool) -> Loaded:
         feeds = {n.name: convert_feed(n.name, at[n.name].tolist(), n.dtype, n.shape)
                  for n in g.inputs if n.name in at}
         _check_missing(g.input_names, at, need_values, spec)
-        return Loaded(g, feeds, True)
+        return Loaded(g, feeds)
     expr = parse(spec)
     extra = [k for k in at if k not in expr.variables]
     if extra:
@@ -142,7 +141,7 @@ def load(spec: str, at: dict[str, np.ndarray], need_values: bool) -> Loaded:
                        f"(variables: {', '.join(expr.variables) or 'none'})")
     _check_missing(expr.variables, at, need_values, "the expression")
     g = expr.graph({k: v.shape for k, v in at.items()})
-    return Loaded(g, {k: v.astype(np.float64) for k, v in at.items()}, False)
+    return Loaded(g, {k: v.astype(np.float64) for k, v in at.items()})
 
 
 def _check_missing(names, at, need_values: bool, what: str):

@@ -15,6 +15,7 @@ from adsvc.ir.graph import Graph
 from adsvc.ir.node import Node, input_node
 from adsvc.ops.api import lift
 from adsvc_protocol import dtypes
+from adsvc_protocol.names import check_user_name
 
 
 @dataclass(frozen=True)
@@ -41,8 +42,7 @@ def _outputs(result) -> list[tuple[str, Node]]:
         items = [("out", result)]
     out = []
     for name, v in items:
-        if not isinstance(name, str) or not name or ":" in name:
-            raise ValueError(f"bad output name {name!r}: use a non-empty string without ':'")
+        check_user_name(name, "output")
         out.append((name, lift(v)))
     return out
 
@@ -53,9 +53,7 @@ def trace(fn: Callable, name: str | None = None, **specs: Spec) -> Graph:
     if not specs:
         specs = {p: f64() for p in inspect.signature(fn).parameters}
     for k, s in specs.items():
-        if not k or ":" in k:
-            raise ValueError(f"bad input name {k!r}: use a non-empty string without ':' "
-                             "(names with ':' are the ones differentiation adds)")
+        check_user_name(k, "input")
         if not isinstance(s, Spec):
             raise TypeError(f"input {k!r}: give a type such as adsvc.f64() or adsvc.f32(3, 4)")
     inputs = {k: input_node(k, s.dtype, s.shape) for k, s in specs.items()}

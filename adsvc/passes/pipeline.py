@@ -34,11 +34,10 @@ def differentiate(graph: Graph, mode="reverse", wrt=None, order: int | None = No
     # for graphs built by other means.
     g = simplify(graph, check)
     for k, m in enumerate(modes, start=1):
-        tag = "" if k == 1 else str(k)
         if m == "forward":
-            g, targets = jvp_graph(g, wrt_list, targets, tag, check)
+            g, targets = jvp_graph(g, wrt_list, targets, k, check)
         else:
-            g, targets = vjp_graph(g, wrt_list, targets, seed=seed and k == 1, tag=tag,
+            g, targets = vjp_graph(g, wrt_list, targets, seed=seed and k == 1, k=k,
                                    check=check)
     return g
 

@@ -19,25 +19,22 @@ from adsvc.passes.activity import (
     check_new_names,
     naming_node,
 )
-from adsvc_protocol.errors import InvalidRequestError
+from adsvc_protocol import names
+from adsvc_protocol.recipes import scalar_output
 
 
 def vjp_graph(graph: Graph, wrt: list[Node], targets: list[str], seed: bool = False,
-              tag: str = "", check: Checker = None) -> tuple[Graph, list[str]]:
+              k: int = 1, check: Checker = None) -> tuple[Graph, list[str]]:
     """Return (graph with cotangent inputs and gradient outputs, new output names)."""
-    in_names = [] if seed else [f"cotangent{tag}:{t}" for t in targets]
-    out_names = [f"grad{tag}:{w.name}" for w in wrt]
+    in_names = [] if seed else [names.cotangent(t, k) for t in targets]
+    out_names = [names.grad(w.name, k) for w in wrt]
     check_new_names(graph, in_names, out_names)
     target_nodes = [graph.output(t) for t in targets]
     active = active_nodes(graph, wrt, target_nodes)
     ct: dict[int, Node] = {}
     new_inputs = []
-    if seed:
-        if len(target_nodes) != 1 or target_nodes[0].shape != ():
-            shapes = ", ".join(f"{t}{list(n.shape)}" for t, n in zip(targets, target_nodes))
-            raise InvalidRequestError(
-                "a plain gradient needs exactly one scalar float output; got " + (shapes or
-                "none") + " (pass cotangents instead)", field="outputs")
+    if seed:  # a plain gradient: the one scalar float output is seeded with 1
+        scalar_output({name: (n.dtype, n.shape) for name, n in zip(targets, target_nodes)})
         t = target_nodes[0]
         ct[id(t)] = A.full((), 1.0, t.dtype)
     else:
@@ -46,14 +43,14 @@ def vjp_graph(graph: Graph, wrt: list[Node], targets: list[str], seed: bool = Fa
             new_inputs.append(c)
             ct[id(t)] = A.add_any(ct.get(id(t)), c)
     nodes = graph.nodes
-    for k in range(len(nodes) - 1, -1, -1):
-        node = nodes[k]
+    for index in range(len(nodes) - 1, -1, -1):
+        node = nodes[index]
         c = ct.get(id(node))
         if c is None or id(node) not in active or not node.inputs:
             continue
-        if check is not None and k % CHECK_EVERY == 0:
+        if check is not None and index % CHECK_EVERY == 0:
             check()
-        with naming_node(k, node):
+        with naming_node(index, node):
             in_cts = OPS[node.op].vjp(node, c)
             for inp, ci in zip(node.inputs, in_cts):
                 if ci is not None and id(inp) in active:
