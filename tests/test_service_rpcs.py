@@ -1,6 +1,8 @@
 """Every RPC of the service against a real in-process server, health and reflection, and
 the SDK (adsvc.connect) agreeing with the local client."""
 
+from pathlib import Path
+
 import grpc
 import numpy as np
 import pytest
@@ -249,3 +251,24 @@ def test_sdk_token_auth():
             with pytest.raises(grpc.RpcError) as e:
                 stub(ch).GetServerInfo(S.GetServerInfoRequest(), timeout=10)
             assert e.value.code() == grpc.StatusCode.UNAUTHENTICATED
+
+
+def _documented_derivatives() -> dict[str, str]:
+    """op -> its "differentiable" column in the op table of protos/README.md."""
+    text = (Path(__file__).resolve().parents[1] / "protos" / "README.md").read_text()
+    table = text[text.index("<!-- op table"):text.index("<!-- end op table -->")]
+    rows = [line.split("|") for line in table.splitlines() if line.startswith("| `")]
+    return {cells[1].strip().strip("`"): cells[4].strip() for cells in rows}
+
+
+def test_server_info_and_op_docs_agree_on_derivatives(rpc):
+    documented = _documented_derivatives()
+    ops = {o.name: o for o in rpc.GetServerInfo(S.GetServerInfoRequest()).ops}
+    assert set(documented) == set(ops)
+    column = {S.DERIVATIVE_RULE: "yes", S.DERIVATIVE_ZERO: "zero", S.DERIVATIVE_NONE: "no"}
+    for name, info in ops.items():
+        assert column[info.derivative] == documented[name], name
+        assert info.differentiable == (documented[name] == "yes"), name
+    assert documented["exp"] == "yes" and documented["cast"] == "yes"
+    assert documented["sign"] == documented["stop_gradient"] == "zero"
+    assert documented["constant"] == documented["lt"] == "no"
