@@ -14,11 +14,13 @@ from functools import partial
 import numpy as np
 
 import adsvc as ad
-from adsvc.local import compile_graph
+from adsvc.passes.pipeline import compile_graph
 from adsvc.runtime.plan import Plan
 
 
 def random_scalar_graph(n_nodes: int, n_inputs: int, seed: int = 0):
+    """A traced random scalar DAG of about `n_nodes` nodes over `n_inputs` float64
+    scalars x0, x1, ... ending in one scalar output; returns (graph, input names)."""
     rng = np.random.default_rng(seed)
     names = [f"x{i}" for i in range(n_inputs)]
     unary = [ad.sin, ad.cos, ad.tanh, lambda a: a * 0.5]

@@ -30,42 +30,16 @@ import time
 
 import grpc
 import numpy as np
+from core_timing import random_scalar_graph  # the same random DAG
 
 import adsvc as ad
+from adsvc.passes.pipeline import compile_graph
 from adsvc.runtime.plan import Plan
 from adsvc.server.app import create_server
 from adsvc_protocol.proto import service_pb2, service_pb2_grpc
 from adsvc_protocol.tensors import from_tensor, to_tensor
 
-try:  # where the refactor may move it
-    from adsvc.passes.pipeline import compile_graph
-except ImportError:
-    from adsvc.local import compile_graph
-
-to_proto = getattr(ad, "to_proto", None) or (lambda g: g.to_proto())
-
 TIMEOUT = 300.0  # seconds, every RPC: keeps a stuck call bounded
-
-
-def random_scalar_graph(n_nodes: int, n_inputs: int, seed: int = 0):
-    """The random scalar DAG of core_timing.py, ending in one scalar output."""
-    rng = np.random.default_rng(seed)
-    names = [f"x{i}" for i in range(n_inputs)]
-    unary = [ad.sin, ad.cos, ad.tanh, lambda a: a * 0.5]
-    binary = [ad.add, ad.sub, ad.mul]
-
-    def fn(**xs):
-        vals = [xs[n] for n in names]
-        # each new node uses the previous one, so every node reaches the output
-        while len(vals) < n_nodes:
-            j = rng.integers(max(0, len(vals) - 50), len(vals))
-            if rng.random() < 0.5:
-                vals.append(unary[rng.integers(len(unary))](vals[-1]))
-            else:
-                vals.append(binary[rng.integers(len(binary))](vals[-1], vals[j]))
-        return ad.tanh(vals[-1])
-
-    return ad.trace(fn, **{n: ad.f64() for n in names}), names
 
 
 def timed(fn):
@@ -139,7 +113,7 @@ def bench_remote(g, feeds, repeat):
             # 1b: raw stubs; the handle from Differentiate (a server cache hit by now)
             stub = service_pb2_grpc.AutodiffServiceStub(channel)
             diff = stub.Differentiate(service_pb2.DifferentiateRequest(
-                graph=to_proto(g),
+                graph=ad.to_proto(g),
                 differentiation=service_pb2.Differentiation(
                     modes=[service_pb2.MODE_REVERSE], seed=True),
                 omit_graph=True), timeout=TIMEOUT)
