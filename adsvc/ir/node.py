@@ -96,25 +96,27 @@ def _typed(attrs: Attrs) -> tuple:
     return tuple((k, type(v), v) for k, v in attrs)
 
 
-def _digest(op, inputs, attrs, dtype, shape, name, label, value) -> bytes:
-    head = repr((op, dtype, shape, tuple((k, type(v).__name__, v) for k, v in attrs),
-                 name, label))
+def _digest(fields: dict, value_bytes: bytes | None) -> bytes:
+    """Structural hash: op, type, attributes with their value types, input name, label,
+    the operands' digests and a constant's bytes."""
+    head = repr((fields["op"], fields["dtype"], fields["shape"],
+                 tuple((k, type(v).__name__, v) for k, v in fields["attrs"]),
+                 fields["name"], fields["label"]))
     h = hashlib.blake2b(head.encode("utf-8", "surrogatepass"), digest_size=20)
-    for i in inputs:
+    for i in fields["inputs"]:
         h.update(i.digest)
-    if value is not None:
-        h.update(value.tobytes())
+    if value_bytes is not None:
+        h.update(value_bytes)
     return h.digest()
 
 
-def _intern(key: tuple, fields: dict) -> Node:
+def _intern(key: tuple, fields: dict, value_bytes: bytes | None = None) -> Node:
     """The node for `key`, built from `fields` the first time."""
     with _LOCK:
         node = _TABLE.get(key)
         if node is None:
             node = object.__new__(Node)
-            fields["digest"] = _digest(**{k: fields.get(k) for k in (
-                "op", "inputs", "attrs", "dtype", "shape", "name", "label", "value")})
+            fields["digest"] = _digest(fields, value_bytes)
             for k, v in fields.items():
                 object.__setattr__(node, k, v)
             _TABLE[key] = node
@@ -142,8 +144,9 @@ def constant(value, dtype: str | None = None) -> Node:
     arr = np.array(arr, order="C", copy=True)
     arr.setflags(write=False)
     dt = dtypes.from_numpy(arr.dtype)
-    return _intern(("constant", dt, arr.shape, arr.tobytes()),
-                   _fields("constant", dtype=dt, shape=arr.shape, value=arr))
+    raw = arr.tobytes()
+    return _intern(("constant", dt, arr.shape, raw),
+                   _fields("constant", dtype=dt, shape=arr.shape, value=arr), raw)
 
 
 class Builder:
