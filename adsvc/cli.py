@@ -54,6 +54,7 @@ class _Parser(argparse.ArgumentParser):
     """argparse, but errors are one line (raised, so main() reports them)."""
 
     def error(self, message: str):
+        """Raise a CLIError instead of printing the usage and exiting."""
         raise CLIError(f"{message} (see '{self.prog} --help')")
 
 
@@ -113,6 +114,8 @@ def _parse_value(name: str, text: str) -> np.ndarray:
 # -- the graph ---------------------------------------------------------------------------
 @dataclass
 class Loaded:
+    """A graph to run and the feeds (the `--at` values) for its inputs."""
+
     graph: Any  # adsvc.Graph
     feeds: dict[str, np.ndarray]
 
@@ -153,6 +156,8 @@ def _check_missing(names, at, need_values: bool, what: str):
 
 
 def parse_wrt(text: str | None, names: Sequence[str]) -> list[str] | None:
+    """The names of `--wrt X,Y`, each one of `names`; None without --wrt (all float
+    inputs)."""
     if text is None:
         return None
     wrt = [w.strip() for w in text.split(",") if w.strip()]
@@ -212,6 +217,8 @@ def _jsonable(v):
 
 # -- commands ----------------------------------------------------------------------------
 def cmd_grad(args) -> int:
+    """`adsvc grad`: print the value and the gradient (with --show-ir also the gradient
+    graph); returns the exit status."""
     at = parse_at(args.at)
     loaded = load(args.expr, at, need_values=True)
     names = loaded.graph.input_names
@@ -244,6 +251,7 @@ def cmd_grad(args) -> int:
 
 
 def cmd_eval(args) -> int:
+    """`adsvc eval`: print every output (a single one as `value:`); returns the exit status."""
     at = parse_at(args.at)
     loaded = load(args.expr, at, need_values=True)
     client = make_client(args)
@@ -286,6 +294,8 @@ def _single_scalar_float(graph) -> bool:
 
 
 def cmd_show(args) -> int:
+    """`adsvc show`: print the text IR of the graph or, with --mode, of its derivative (a
+    first reverse pass over a single scalar float output is seeded: the gradient graph)."""
     modes = _modes(args.mode, args.order)
     at = parse_at(args.at)
     loaded = load(args.expr, at, need_values=False)
@@ -307,6 +317,7 @@ def cmd_show(args) -> int:
 
 
 def cmd_export(args) -> int:
+    """`adsvc export`: write the graph to a .json or .pb file and print what was written."""
     from adsvc import graphfile
 
     fmt = graphfile.file_format(args.output)
@@ -320,6 +331,7 @@ def cmd_export(args) -> int:
 
 
 def cmd_serve(args) -> int:
+    """`adsvc serve`: run the gRPC server until SIGTERM/SIGINT; returns its exit status."""
     from adsvc.server.app import run_from_args
 
     rc = run_from_args(args)
@@ -426,6 +438,8 @@ def _add_serve(sub, argv: Sequence[str]) -> None:
 
 
 def build_parser(argv: Sequence[str] = ()) -> argparse.ArgumentParser:
+    """The `adsvc` argument parser. `serve` gets its flags (and imports the server) only
+    when `argv` starts with "serve", so the other commands run without grpc."""
     from adsvc.version import __version__
 
     parser = _Parser(

@@ -26,11 +26,29 @@ class Spec:
     shape: tuple[int, ...] = ()
 
 
-def f64(*shape: int) -> Spec: return Spec(dtypes.FLOAT64, tuple(shape))
-def f32(*shape: int) -> Spec: return Spec(dtypes.FLOAT32, tuple(shape))
-def i64(*shape: int) -> Spec: return Spec(dtypes.INT64, tuple(shape))
-def i32(*shape: int) -> Spec: return Spec(dtypes.INT32, tuple(shape))
-def boolean(*shape: int) -> Spec: return Spec(dtypes.BOOL, tuple(shape))
+def f64(*shape: int) -> Spec:
+    """The type of a float64 input of `shape` (none: a scalar), for `trace`."""
+    return Spec(dtypes.FLOAT64, tuple(shape))
+
+
+def f32(*shape: int) -> Spec:
+    """The type of a float32 input of `shape` (none: a scalar), for `trace`."""
+    return Spec(dtypes.FLOAT32, tuple(shape))
+
+
+def i64(*shape: int) -> Spec:
+    """The type of an int64 input of `shape` (none: a scalar), for `trace`."""
+    return Spec(dtypes.INT64, tuple(shape))
+
+
+def i32(*shape: int) -> Spec:
+    """The type of an int32 input of `shape` (none: a scalar), for `trace`."""
+    return Spec(dtypes.INT32, tuple(shape))
+
+
+def boolean(*shape: int) -> Spec:
+    """The type of a bool input of `shape` (none: a scalar), for `trace`."""
+    return Spec(dtypes.BOOL, tuple(shape))
 
 
 def _outputs(result) -> list[tuple[str, Node]]:

@@ -7,6 +7,9 @@ Checked statically (with `ast`) over adsvc, adsvc_protocol and adsvc_client:
   the front ends are islands that do not import each other, and the SDK (adsvc_client,
   installable alone) imports nothing from the project but adsvc_protocol;
 - no function is longer than MAX_FUNCTION_LINES;
+- every public function, class and method (name without a leading "_", at module level
+  or in a class) has a docstring, except property setters and the op builders of
+  adsvc.ops.api, which adsvc.ops documents at import from the op table;
 
 and, at runtime, that the public graph builders of adsvc.ops.api are documented and
 exported from `adsvc`.
@@ -189,6 +192,42 @@ def long_functions(root: Path = ROOT, limit: int = MAX_FUNCTION_LINES) -> list[s
     return problems
 
 
+def _is_setter(node: ast.AST) -> bool:
+    return any(isinstance(d, ast.Attribute) and d.attr == "setter"
+               for d in getattr(node, "decorator_list", ()))
+
+
+def _documented_at_import(module: str, name: str) -> bool:
+    """An op builder of adsvc.ops.api: its docstring comes from the op table at import."""
+    if module != "adsvc.ops.api":
+        return False
+    from adsvc.ops import api  # importing adsvc.ops documents the builders
+
+    return bool(inspect.getdoc(getattr(api, name, None)))
+
+
+def undocumented(root: Path = ROOT) -> list[str]:
+    problems = []
+    definitions = (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)
+
+    def visit(node: ast.AST, path: Path, module: str, prefix: str) -> None:
+        for child in ast.iter_child_nodes(node):
+            if not isinstance(child, definitions):
+                visit(child, path, module, prefix)  # e.g. a def under `if` or `try`
+                continue
+            name = f"{prefix}{child.name}"
+            if (not child.name.startswith("_") and not ast.get_docstring(child)
+                    and not _is_setter(child)
+                    and not (prefix == "" and _documented_at_import(module, child.name))):
+                problems.append(f"{_where(path, child, root)}: {name} has no docstring")
+            if isinstance(child, ast.ClassDef):  # methods, not a function's inner defs
+                visit(child, path, module, f"{name}.")
+
+    for module, path in modules(root).items():
+        visit(ast.parse(path.read_text(), str(path)), path, module, "")
+    return problems
+
+
 def _check(problems: list[str], what: str) -> None:
     if problems:
         pytest.fail(f"{len(problems)} {what}:\n  " + "\n  ".join(problems), pytrace=False)
@@ -207,6 +246,11 @@ def test_modules_import_only_their_own_or_lower_layers():
 def test_no_function_is_too_long():
     found = long_functions()
     _check(found, "functions too long: split them")
+
+
+def test_public_definitions_have_docstrings():
+    found = undocumented()
+    _check(found, "public definitions without a docstring: say what each is for")
 
 
 def test_graph_builders_are_documented_and_exported():

@@ -47,6 +47,8 @@ OPSET_VERSION = 1  # the op names, attributes and semantics of the op table
 # -- the wire form ---------------------------------------------------------------------
 @dataclass
 class WireInput:
+    """A graph input as sent: id, name and declared type (dtype None if unset)."""
+
     id: int
     name: str
     dtype: str | None
@@ -55,6 +57,9 @@ class WireInput:
 
 @dataclass
 class WireNode:
+    """A node as sent: operand ids, decoded attributes and value, and the type the writer
+    declared, if any."""
+
     id: int
     op: str
     operands: list[int]
@@ -66,6 +71,8 @@ class WireNode:
 
 @dataclass
 class WireGraph:
+    """A Graph proto as plain Python, not validated yet: what `build_graph` checks."""
+
     ir_version: int
     opset_version: int
     inputs: list[WireInput]
@@ -161,6 +168,7 @@ def proto_to_wire(g: ir_pb2.Graph, max_elements: int | None = None,
 
 # -- decoding: wire form -> IR, validating --------------------------------------------------
 def check_node_count(n: int, max_nodes: int | None) -> None:
+    """LimitExceededError if `n` (inputs plus nodes) exceeds `max_nodes` (None: no limit)."""
     if max_nodes is not None and n > max_nodes:
         raise LimitExceededError(f"graph has {n} nodes; the limit is {max_nodes}",
                                  field="nodes")

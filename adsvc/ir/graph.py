@@ -23,6 +23,8 @@ class Graph:
 
     @cached_property
     def nodes(self) -> list[Node]:
+        """The nodes in topological order: every input first (used or not), then the nodes
+        the outputs reach, operands before users."""
         order: list[Node] = list(self.inputs)
         seen = {id(n) for n in order}
         for _, root in self.outputs:
@@ -42,12 +44,14 @@ class Graph:
         return order
 
     def input(self, name: str) -> Node:
+        """The input node called `name`; KeyError if there is none."""
         for n in self.inputs:
             if n.name == name:
                 return n
         raise KeyError(name)
 
     def output(self, name: str) -> Node:
+        """The node of the output called `name`; KeyError if there is none."""
         for k, n in self.outputs:
             if k == name:
                 return n
@@ -55,10 +59,12 @@ class Graph:
 
     @property
     def input_names(self) -> list[str]:
+        """The names of the inputs, in order."""
         return [n.name for n in self.inputs]
 
     @property
     def output_names(self) -> list[str]:
+        """The names of the outputs, in order."""
         return [k for k, _ in self.outputs]
 
     @cached_property

@@ -54,6 +54,7 @@ class Node(NodeOperators):
     digest: bytes  # structural hash of the node and everything it depends on
 
     def attr(self, key: str, default: Any = None) -> Any:
+        """The value of attribute `key`, or `default` if the node has no such attribute."""
         for k, v in self.attrs:
             if k == key:
                 return v
@@ -61,10 +62,12 @@ class Node(NodeOperators):
 
     @property
     def ndim(self) -> int:
+        """The number of axes (0 for a scalar)."""
         return len(self.shape)
 
     @property
     def size(self) -> int:
+        """The number of elements (1 for a scalar)."""
         return math.prod(self.shape)
 
     def __repr__(self) -> str:
@@ -171,6 +174,8 @@ class Builder:
         return node if self.rewriter is None else self.rewriter(node, self)
 
     def constant(self, value, dtype: str | None = None) -> Node:
+        """The constant node of `value`, as the module's `constant` (not rewritten), for
+        rules that build through the builder they are given."""
         return constant(value, dtype)
 
     def lift(self, v, like: Node | None = None) -> Node:

@@ -30,6 +30,9 @@ DERIVATIVES = (RULE, ZERO, NONE)
 
 @dataclass(frozen=True)
 class Attr:
+    """Declaration of an op attribute: its kind, its default (REQUIRED; None: optional
+    and left absent) and its documentation."""
+
     kind: str  # "int", "float", "str", "bool", "ints" or "dtype"
     default: Any = REQUIRED
     doc: str = ""
@@ -62,6 +65,7 @@ OPS: dict[str, OpDef] = {}
 
 
 def register(op: OpDef) -> OpDef:
+    """Add `op` to the op table and return it; ValueError if the name is taken."""
     if op.name in OPS:
         raise ValueError(f"op {op.name!r} declared twice")
     OPS[op.name] = op
@@ -69,6 +73,7 @@ def register(op: OpDef) -> OpDef:
 
 
 def get(name: str) -> OpDef:
+    """The declaration of op `name`; UnknownOpError if the table has none."""
     try:
         return OPS[name]
     except KeyError:

@@ -12,6 +12,9 @@ import builtins
 
 
 class NodeOperators:
+    """Python operators and array-style methods for nodes: a mixin of `Node` (see the
+    module docstring)."""
+
     __slots__ = ()
 
     # -- provided by Node ----------------------------------------------------------------
@@ -60,17 +63,33 @@ class NodeOperators:
             attrs["axes"] = (axes,) if isinstance(axes, int) else tuple(axes)
         return self._apply(op, attrs)
 
-    def sum(self, axes=None, keepdims=False): return self._reduce("sum", axes, keepdims)
-    def mean(self, axes=None, keepdims=False): return self._reduce("mean", axes, keepdims)
-    def max(self, axes=None, keepdims=False): return self._reduce("max", axes, keepdims)
-    def min(self, axes=None, keepdims=False): return self._reduce("min", axes, keepdims)
-    def reshape(self, shape): return self._apply("reshape", {"shape": tuple(shape)})
+    def sum(self, axes=None, keepdims=False):
+        """Sum over `axes` (None: all), as `adsvc.sum`."""
+        return self._reduce("sum", axes, keepdims)
+
+    def mean(self, axes=None, keepdims=False):
+        """Mean over `axes` (None: all), as `adsvc.mean`."""
+        return self._reduce("mean", axes, keepdims)
+
+    def max(self, axes=None, keepdims=False):
+        """Maximum over `axes` (None: all), as `adsvc.max`."""
+        return self._reduce("max", axes, keepdims)
+
+    def min(self, axes=None, keepdims=False):
+        """Minimum over `axes` (None: all), as `adsvc.min`."""
+        return self._reduce("min", axes, keepdims)
+
+    def reshape(self, shape):
+        """The same elements in `shape` (one entry may be -1), as `adsvc.reshape`."""
+        return self._apply("reshape", {"shape": tuple(shape)})
 
     def astype(self, dtype: str):
+        """The value cast to `dtype` (itself if already of that dtype), as `adsvc.cast`."""
         return self if self.dtype == dtype else self._apply("cast", {"dtype": dtype})
 
     @property
     def T(self):
+        """The transpose: all axes reversed, as `adsvc.transpose` without `perm`."""
         return self._apply("transpose", {"perm": tuple(reversed(range(len(self.shape))))})
 
     def __getitem__(self, idx):

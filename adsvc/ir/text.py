@@ -16,6 +16,7 @@ SHORT = {"float64": "f64", "float32": "f32", "int64": "i64", "int32": "i32", "bo
 
 
 def type_str(dtype: str, shape) -> str:
+    """A type as the text form writes it, e.g. `f64[3,4]`."""
     return f"{SHORT[dtype]}[{','.join(str(d) for d in shape)}]"
 
 
@@ -30,6 +31,8 @@ def _const(value: np.ndarray) -> str:
 
 
 def to_text(graph) -> str:
+    """The text form of `graph`; `%i` is the node's position in `graph.nodes` (the ids
+    of the encoded graph)."""
     nodes = graph.nodes
     ids = {id(n): i for i, n in enumerate(nodes)}
     sig = ", ".join(f"{n.name}: {type_str(n.dtype, n.shape)}" for n in graph.inputs)

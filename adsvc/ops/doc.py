@@ -20,6 +20,8 @@ def _attr(name, spec) -> str:
 
 
 def op_table_markdown() -> str:
+    """The op table as a Markdown table, one row per op, sorted by name. It lists the
+    ops registered so far: import `adsvc.ops` first."""
     lines = ["| op | operands | attributes | differentiable | meaning |",
              "|---|---|---|---|---|"]
     for name in sorted(OPS):

@@ -24,6 +24,7 @@ def broadcast_shapes(op: str, *shapes: tuple[int, ...]) -> tuple[int, ...]:
 
 
 def same_dtype(op: str, nodes, allowed=dtypes.DTYPES) -> str:
+    """The one dtype of all of `nodes`; DTypeError if they differ or it is not `allowed`."""
     dts = {n.dtype for n in nodes}
     if len(dts) != 1:
         raise DTypeError(f"op {op!r}: operand dtypes differ ({_desc(nodes)}); use cast")
@@ -35,6 +36,7 @@ def same_dtype(op: str, nodes, allowed=dtypes.DTYPES) -> str:
 
 
 def float_unary(op):
+    """The shape rule of a one-operand float op: the operand's dtype and shape."""
     def infer(ins, attrs):
         x, = ins
         same_dtype(op, ins, dtypes.FLOATS)
@@ -43,6 +45,8 @@ def float_unary(op):
 
 
 def numeric_unary(op):
+    """The shape rule of a one-operand float or integer op: the operand's dtype and
+    shape."""
     def infer(ins, attrs):
         x, = ins
         same_dtype(op, ins, dtypes.FLOATS | dtypes.INTS)
@@ -51,6 +55,8 @@ def numeric_unary(op):
 
 
 def binary(op, allowed, out_dtype=None):
+    """The shape rule of an elementwise op on operands of one `allowed` dtype: the
+    broadcast shape, and `out_dtype` if given (comparisons: bool) or the operands' dtype."""
     def infer(ins, attrs):
         dt = same_dtype(op, ins, allowed)
         return out_dtype or dt, broadcast_shapes(op, *(n.shape for n in ins))
@@ -72,12 +78,16 @@ def norm_axes(op: str, axes, ndim: int) -> tuple[int, ...]:
 
 
 def norm_axis(op: str, axis: int, ndim: int) -> int:
+    """`axis` as an index in 0..ndim-1 (negatives count from the end); AttributeError_
+    if out of range."""
     if not -ndim <= axis < ndim:
         raise AttributeError_(f"op {op!r}: axis {axis} out of range for rank {ndim}")
     return axis % ndim
 
 
 def reduced_shape(shape, axes, keepdims) -> tuple[int, ...]:
+    """`shape` after reducing `axes` (normalized, see `norm_axes`): dropped, or kept
+    with size 1 if `keepdims`."""
     if keepdims:
         return tuple(1 if i in axes else d for i, d in enumerate(shape))
     return tuple(d for i, d in enumerate(shape) if i not in axes)

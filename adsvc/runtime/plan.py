@@ -20,6 +20,9 @@ from adsvc_protocol.feeds import check_feeds
 
 
 class Plan:
+    """A graph ready to evaluate many times: slot-indexed steps that free each value after
+    its last use (see the module docstring)."""
+
     def __init__(self, graph: Graph):
         self.graph = graph
         nodes = graph.nodes

@@ -72,6 +72,7 @@ def create_server(address: str = "127.0.0.1:0", config: ServerConfig | None = No
 
 
 def join_host_port(host: str, port: int) -> str:
+    """"host:port", with an IPv6 host in brackets ("[::1]:50051")."""
     return f"[{host}]:{port}" if ":" in host and not host.startswith("[") else f"{host}:{port}"
 
 
@@ -215,6 +216,7 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def config_from_args(args: argparse.Namespace) -> ServerConfig:
+    """The ServerConfig of parsed `adsvc serve` flags (see `add_serve_arguments`)."""
     names = {f.name for f in fields(ServerConfig)}
     kw = {k: getattr(args, k) for k in _LIMIT_FLAGS if k in names}
     return ServerConfig(**kw, grace_seconds=args.grace, drain_seconds=args.drain,

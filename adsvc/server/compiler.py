@@ -39,6 +39,7 @@ class Spec:
     seed: bool = False
 
     def describe(self) -> str:
+        """The spec for error messages: `modes=[...] wrt=[...] seed=...`."""
         return f"modes={list(self.modes)} wrt={list(self.wrt or [])} seed={self.seed}"
 
 
@@ -57,9 +58,11 @@ class Entry:
 
     @property
     def nodes_after(self) -> int:
+        """Inputs plus nodes of the compiled graph (CompileStats.nodes_after)."""
         return len(self.graph.nodes)
 
     def proto(self) -> ir_pb2.Graph:
+        """The compiled graph as a Graph proto, encoded on first use and kept."""
         if self._proto is None:
             self._proto = graph_to_proto(self.graph)
         return self._proto
@@ -82,6 +85,8 @@ def spec_from_proto(d: service_pb2.Differentiation, config: ServerConfig,
 
 
 def check_elements(graph: Graph, config: ServerConfig, what: str) -> None:
+    """LimitExceededError if a node of `graph` (called `what` in the message) has more
+    than max_tensor_elements elements."""
     limit = config.max_tensor_elements
     if not limit:
         return
@@ -119,6 +124,8 @@ class Compiler:
         self.cache = LRUCache(config.cache_entries, config.max_cache_nodes)
 
     def lookup(self, handle: str) -> Entry:
+        """The cached entry of `handle`; HandleNotFoundError if it is not (or no longer)
+        cached, which tells the client to send the graph."""
         entry = self.cache.get(handle) if handle else None
         if entry is None:
             raise HandleNotFoundError(
@@ -155,6 +162,8 @@ class Compiler:
 
 def decode_feeds(tensors: Mapping[str, ir_pb2.Tensor], config: ServerConfig,
                  prefix: str = "") -> dict[str, np.ndarray]:
+    """A request's feeds as arrays, bounded by max_tensor_elements; checking them
+    against the graph's inputs is left to the plan."""
     limit = config.limit(config.max_tensor_elements)
     out = {}
     for name, t in tensors.items():
@@ -167,6 +176,7 @@ def decode_feeds(tensors: Mapping[str, ir_pb2.Tensor], config: ServerConfig,
 
 
 def encode_outputs(entry: Entry, values: Mapping[str, np.ndarray]) -> dict[str, ir_pb2.Tensor]:
+    """The output values as Tensor protos of the compiled graph's output dtypes."""
     try:
         return {name: to_tensor(v, entry.outputs[name][0]) for name, v in values.items()}
     except (ValueError, OverflowError, TypeError) as e:
@@ -184,6 +194,8 @@ def check_response_size(entry: Entry, config: ServerConfig, what: str = "respons
 
 def evaluate(entry: Entry, feeds: Mapping[str, np.ndarray],
              interrupt: Callable[[], None] | None) -> dict[str, np.ndarray]:
+    """{output name: value} of the compiled entry at `feeds`; `interrupt` may raise to
+    stop the work."""
     return entry.plan.run(feeds, interrupt=interrupt)
 
 
@@ -198,6 +210,9 @@ class Backend:
         self.entry: Entry | None = None
 
     def compile(self, source, modes, wrt, seed) -> Compiled:
+        """The Compiled for a graph proto (compiled or found in the cache for this spec) or
+        for a cached Entry, which must have been compiled for this very spec (wrt None:
+        its own wrt)."""
         if isinstance(source, Entry):
             want = Spec(modes, wrt if wrt is not None else source.spec.wrt, seed)
             if source.spec != want:
@@ -211,7 +226,9 @@ class Backend:
         return Compiled(entry, entry.inputs, entry.outputs, entry.graph)
 
     def run(self, compiled: Compiled, feeds) -> dict[str, np.ndarray]:
+        """{output name: value} of the compiled entry at `feeds`."""
         return evaluate(compiled.handle, feeds, self.interrupt)
 
     def run_many(self, compiled: Compiled, feeds) -> list[dict[str, np.ndarray]]:
+        """One {output name: value} per set of feeds, evaluated in turn."""
         return [self.run(compiled, f) for f in feeds]

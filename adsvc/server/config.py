@@ -39,6 +39,8 @@ class ServerConfig:
 
     @property
     def pool_threads(self) -> int:
+        """Size of the gRPC thread pool: the adsvc slots (or `threads`, if more) plus
+        HEADROOM_THREADS for health checks, reflection and GetServerInfo."""
         return max(self.threads, self.max_concurrent_rpcs) + HEADROOM_THREADS
 
     def limit(self, value: int) -> int | None:

@@ -33,6 +33,8 @@ def _default(kind: str, v) -> ir_pb2.AttrValue | None:
 
 
 def op_list() -> list[service_pb2.OpInfo]:
+    """An OpInfo per op of the table, sorted by name: how clients discover the ops, their
+    attributes and derivatives."""
     ops = []
     for name in sorted(OPS):
         op = OPS[name]
@@ -51,6 +53,7 @@ def op_list() -> list[service_pb2.OpInfo]:
 
 
 def limits(config: ServerConfig) -> service_pb2.Limits:
+    """The limits clients may need to know (0: none) and whether a token is required."""
     return service_pb2.Limits(
         max_message_bytes=config.max_message_bytes, max_nodes=config.max_nodes,
         max_compiled_nodes=config.max_compiled_nodes,
@@ -60,6 +63,8 @@ def limits(config: ServerConfig) -> service_pb2.Limits:
 
 
 def server_info(config: ServerConfig, stats: service_pb2.ServerStats) -> service_pb2.ServerInfo:
+    """The GetServerInfo answer: versions, op table, limits, `stats` and this process's
+    pid."""
     from adsvc.version import __version__
 
     return service_pb2.ServerInfo(

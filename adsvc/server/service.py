@@ -168,6 +168,9 @@ def add_to_server(servicer: AutodiffServicer, server: grpc.Server) -> None:
 
 
 class AutodiffServicer(service_pb2_grpc.AutodiffServiceServicer):
+    """The adsvc.v1.AutodiffService: the compile cache, call counters and concurrency
+    slots shared by its RPCs."""
+
     def __init__(self, config: ServerConfig):
         self.config = config
         self.compiler = Compiler(config)
@@ -300,6 +303,7 @@ class AutodiffServicer(service_pb2_grpc.AutodiffServiceServicer):
     # -- RPCs ------------------------------------------------------------------------
     @_call
     def Differentiate(self, request, call):
+        """RPC: compile a graph for a differentiation: its handle, signature, stats, graph."""
         if not request.HasField("graph"):
             raise InvalidRequestError("graph is required", field="graph")
         spec = spec_from_proto(request.differentiation, self.config)
@@ -322,6 +326,7 @@ class AutodiffServicer(service_pb2_grpc.AutodiffServiceServicer):
 
     @_call
     def Evaluate(self, request, call):
+        """RPC: evaluate a graph (compiled for `differentiation`) or a handle at one feed."""
         entry = self._source(request, call)
         check_response_size(entry, self.config)
         feeds = decode_feeds(request.inputs, self.config)
@@ -333,6 +338,7 @@ class AutodiffServicer(service_pb2_grpc.AutodiffServiceServicer):
 
     @_call
     def Gradient(self, request, call):
+        """RPC: value and gradient of the graph's one scalar float output."""
         mode = mode_from_enum(request.mode, "mode", default=REVERSE)
         kind = request.WhichOneof("source")
         if kind == "handle":
@@ -356,6 +362,7 @@ class AutodiffServicer(service_pb2_grpc.AutodiffServiceServicer):
 
     @_call
     def EvaluateStream(self, request_iterator, call):
+        """RPC: a target (graph or handle), then one response of outputs per feed message."""
         first = next(request_iterator, None)
         if first is None:
             return
@@ -382,6 +389,7 @@ class AutodiffServicer(service_pb2_grpc.AutodiffServiceServicer):
 
     @_call
     def GetServerInfo(self, request, call):
+        """RPC: versions, op table, limits and counters of this server process."""
         with self._lock:
             c = dict(self.counters)
         cache = self.compiler.cache

@@ -14,6 +14,8 @@ from collections.abc import Callable
 
 
 class Watchdog:
+    """Calls callbacks at their deadlines, from one daemon thread started on first use."""
+
     def __init__(self, name: str = "adsvc-watchdog"):
         self._name = name
         self._cond = threading.Condition()
@@ -34,6 +36,8 @@ class Watchdog:
         return key
 
     def disarm(self, key: int) -> None:
+        """Forget the callback of `key` (unknown keys are ignored); one that is already
+        being fired still runs."""
         with self._cond:
             self._armed.pop(key, None)
 

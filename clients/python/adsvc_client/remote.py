@@ -82,6 +82,8 @@ class RemoteCompiled(Compiled):
 
     @property
     def graph(self):
+        """The differentiated graph, fetched from the server (a Differentiate call) on first
+        access."""
         if self._graph is None and self._fetch is not None:
             self._graph = self._fetch()
         return self._graph

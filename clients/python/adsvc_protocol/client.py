@@ -30,12 +30,15 @@ class _Call:
         self.client, self.timeout = client, timeout
 
     def compile(self, g, modes, wrt, seed) -> Compiled:
+        """The client's `_compile`, with this call's timeout."""
         return self.client._compile(g, modes, wrt, seed, self.timeout)
 
     def run(self, compiled, feeds):
+        """The client's `_run`, with this call's timeout."""
         return self.client._run(compiled, feeds, self.timeout)
 
     def run_many(self, compiled, feeds):
+        """The client's `_run_many`, with this call's timeout."""
         return self.client._run_many(compiled, feeds, self.timeout)
 
 

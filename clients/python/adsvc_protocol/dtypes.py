@@ -26,4 +26,5 @@ def from_numpy(dt) -> str:
 
 
 def is_float(dtype: str) -> bool:
+    """True for float64 and float32, the dtypes that have derivatives."""
     return dtype in FLOATS

@@ -170,6 +170,7 @@ class UsageError(AdsvcError):
     prefix = ""
 
     def summary(self) -> str:
+        """`prefix` and the description, on one line: no class name, no field."""
         return self.prefix + one_line(self.description)
 
 

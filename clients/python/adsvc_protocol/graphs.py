@@ -34,6 +34,8 @@ def proto_key(g: ir_pb2.Graph) -> bytes:
 
 
 def require_proto(g) -> ir_pb2.Graph:
+    """`g` if it is a Graph proto, else InvalidRequestError: the SDK alone encodes no
+    other graph type."""
     if isinstance(g, ir_pb2.Graph):
         return g
     raise InvalidRequestError(

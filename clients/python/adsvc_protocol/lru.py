@@ -27,6 +27,7 @@ class LRUCache:
         self.misses = 0
 
     def get(self, key: Hashable):
+        """The item cached under `key` (now the most recently used), or None."""
         with self._lock:
             found = self._items.get(key)
             if found is None:
@@ -37,6 +38,8 @@ class LRUCache:
             return found[0]
 
     def put(self, key: Hashable, item, weight: int = 1) -> None:
+        """Cache `item` under `key`, evicting the least recently used entries until both
+        bounds hold; nothing is stored if capacity is 0 or `weight` alone is over budget."""
         if self.capacity <= 0 or (self.max_weight and weight > self.max_weight):
             return
         with self._lock:
@@ -51,6 +54,7 @@ class LRUCache:
                 self.weight -= w
 
     def clear(self) -> None:
+        """Drop every entry (the hit and miss counts stay)."""
         with self._lock:
             self._items.clear()
             self.weight = 0

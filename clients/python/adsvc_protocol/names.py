@@ -33,14 +33,17 @@ def derived(kind: str, base: str, k: int = 1) -> str:
 
 
 def tangent(base: str, k: int = 1) -> str:
+    """The name pass `k` gives the tangent of `base` (`tangent:x`, `tangent2:x`)."""
     return derived(TANGENT, base, k)
 
 
 def cotangent(base: str, k: int = 1) -> str:
+    """The name pass `k` gives the cotangent of `base` (`cotangent:z`, `cotangent2:z`)."""
     return derived(COTANGENT, base, k)
 
 
 def grad(base: str, k: int = 1) -> str:
+    """The name pass `k` gives the gradient of `base` (`grad:x`, `grad2:x`)."""
     return derived(GRAD, base, k)
 
 

@@ -35,13 +35,23 @@ class Compiled:
 
 
 class Backend(Protocol):
-    def compile(self, graph, modes: tuple[str, ...], wrt: tuple[str, ...] | None,
-                seed: bool) -> Compiled: ...
+    """What the recipes run on: compile a graph for modes, wrt and seed, then run the
+    result on one or many sets of feeds."""
 
-    def run(self, compiled: Compiled, feeds: Feeds) -> dict[str, np.ndarray]: ...
+    def compile(self, graph, modes: tuple[str, ...], wrt: tuple[str, ...] | None,
+                seed: bool) -> Compiled:
+        """`graph` differentiated by `modes` in turn with respect to `wrt` (None: every
+        float input), ready to run; `seed`: a first reverse pass takes no cotangent input."""
+        ...
+
+    def run(self, compiled: Compiled, feeds: Feeds) -> dict[str, np.ndarray]:
+        """{output name: value} of the compiled graph at `feeds`."""
+        ...
 
     def run_many(self, compiled: Compiled,
-                 feeds: Sequence[Feeds]) -> list[dict[str, np.ndarray]]: ...
+                 feeds: Sequence[Feeds]) -> list[dict[str, np.ndarray]]:
+        """One {output name: value} per set of feeds, in order."""
+        ...
 
 
 # -- shared rules ---------------------------------------------------------------------
@@ -71,10 +81,12 @@ def scalar_output(outputs: Mapping[str, TypeSig]) -> str:
 
 
 def zeros(sig: TypeSig) -> np.ndarray:
+    """A zero array of the type `sig` (dtype, shape)."""
     return np.zeros(sig[1], dtype=dtypes.to_numpy(sig[0]))
 
 
 def size(sig: TypeSig) -> int:
+    """The number of elements of the type `sig` (dtype, shape)."""
     return math.prod(sig[1])
 
 

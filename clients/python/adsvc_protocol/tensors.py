@@ -19,6 +19,8 @@ FROM_ENUM = {v: k for k, v in TO_ENUM.items()}
 
 
 def dtype_from_enum(value: int, where: str = "", error=InputError) -> str:
+    """The dtype name of a DType enum value; `error` (at `where`) if it is unset or
+    unknown."""
     try:
         return FROM_ENUM[value]
     except KeyError:
