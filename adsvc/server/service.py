@@ -81,7 +81,6 @@ class Call:
         self.start = time.perf_counter()
         raw = tuple(context.invocation_metadata() or ())
         md = dict(raw)
-        self.metadata = md
         self.authorization = [v for k, v in raw if k == "authorization"]
         self.request_id = (md.get(REQUEST_ID) or uuid.uuid4().hex)[:128]
         self.field_prefix = ""

@@ -72,27 +72,6 @@ class RemoteHandle:
     differentiation: service_pb2.Differentiation
 
 
-class RemoteCompiled(Compiled):
-    """A Compiled whose differentiated graph is fetched from the server on first use."""
-
-    def __init__(self, handle: RemoteHandle, inputs, outputs, fetch):
-        self._fetch = fetch
-        self._graph = None
-        super().__init__(handle, inputs, outputs, None)
-
-    @property
-    def graph(self):
-        """The differentiated graph, fetched from the server (a Differentiate call) on first
-        access."""
-        if self._graph is None and self._fetch is not None:
-            self._graph = self._fetch()
-        return self._graph
-
-    @graph.setter
-    def graph(self, value):
-        self._graph = value
-
-
 class RemoteClient(ClientBase):
     """A client for an adsvc server; see the module docstring.
 
@@ -165,14 +144,19 @@ class RemoteClient(ClientBase):
         diff = service_pb2.Differentiation(modes=[TO_ENUM[m] for m in modes],
                                            wrt=list(wrt or ()), seed=bool(seed))
         resp = self._differentiate(graph, diff, True, timeout)
-
-        def fetch():
-            return self.graphs.decode(self._differentiate(graph, diff, False, timeout).graph)
-
-        compiled = RemoteCompiled(RemoteHandle(resp.handle, graph, diff),
-                                  _signature(resp.inputs), _signature(resp.outputs), fetch)
+        compiled = Compiled(RemoteHandle(resp.handle, graph, diff),
+                            _signature(resp.inputs), _signature(resp.outputs))
         self.cache.put(key, compiled)
         return compiled
+
+    def _graph(self, compiled, timeout):
+        """The differentiated graph, fetched from the server once (Differentiate with the
+        graph) and kept with the compiled entry."""
+        if compiled.graph is None:
+            h: RemoteHandle = compiled.handle
+            full = self._differentiate(h.graph, h.differentiation, False, timeout)
+            compiled.graph = self.graphs.decode(full.graph)
+        return compiled.graph
 
     def _run(self, compiled, feeds, timeout) -> dict[str, np.ndarray]:
         h: RemoteHandle = compiled.handle

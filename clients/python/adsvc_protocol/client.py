@@ -62,6 +62,10 @@ class ClientBase:
                   timeout: float | None) -> list[dict[str, np.ndarray]]:
         return [self._run(compiled, f, timeout) for f in feeds]
 
+    def _graph(self, compiled: Compiled, timeout: float | None):
+        """The differentiated graph of `compiled` (a remote client fetches it once)."""
+        return compiled.graph
+
     def close(self) -> None:
         """Release what the client holds (a channel, cached plans)."""
 
@@ -87,7 +91,8 @@ class ClientBase:
         cotangent input).
         """
         modes = normalize_modes(mode, order)
-        return self._compile(g, modes, recipes.wrt_tuple(wrt), seed, timeout).graph
+        compiled = self._compile(g, modes, recipes.wrt_tuple(wrt), seed, timeout)
+        return self._graph(compiled, timeout)
 
     def value_and_grad(self, g, wrt=None, mode: str = "reverse",
                        inputs: Mapping[str, Any] | None = None, *,

@@ -4,9 +4,10 @@ Every error names what is wrong: `field` locates it (``nodes[id=7]``, ``inputs.x
 ``outputs.z``) and `description` says what. Each class states its gRPC status code
 (`grpc_code`, the one table: the server answers with it, the SDK maps a status that
 carries no class back with `class_for_status`) and how the CLI exits on it
-(`exit_status`). The server adds a ``google.rpc.BadRequest`` field violation naming
-the class; the SDK turns that detail back into the same class, so local and remote
-callers catch the same exceptions.
+(`exit_status`). The server's status carries a ``google.rpc.BadRequest`` field
+violation (field and description) and a ``google.rpc.ErrorInfo`` whose reason is the
+class name; the SDK turns them back into the same class, so local and remote callers
+catch the same exceptions.
 """
 
 from __future__ import annotations

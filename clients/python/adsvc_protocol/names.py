@@ -14,7 +14,8 @@ from typing import NamedTuple
 
 TANGENT, COTANGENT, GRAD = "tangent", "cotangent", "grad"
 KINDS = (TANGENT, COTANGENT, GRAD)
-_DERIVED = re.compile(r"^(tangent|cotangent|grad)([1-9][0-9]*)?:(.+)$", re.S)
+# pass 1 has no number; pass k >= 2 is written out ("tangent1:x" is not a derived name)
+_DERIVED = re.compile(r"^(tangent|cotangent|grad)([2-9]|[1-9][0-9]+)?:(.+)$", re.S)
 
 
 class Derived(NamedTuple):
@@ -48,7 +49,7 @@ def grad(base: str, k: int = 1) -> str:
 
 
 def parse(name: str) -> Derived | None:
-    """The outermost derivation of `name`, or None for a user (primal) name."""
+    """The outermost derivation of `name`, or None if differentiation did not make it."""
     m = _DERIVED.match(name)
     if m is None:
         return None

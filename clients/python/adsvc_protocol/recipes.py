@@ -24,7 +24,7 @@ from adsvc_protocol.modes import FORWARD, REVERSE, single_mode
 Feeds = Mapping[str, Any]
 
 
-@dataclass
+@dataclass(eq=False)
 class Compiled:
     """A compiled (differentiated, planned) graph: a backend's handle and its signature."""
 

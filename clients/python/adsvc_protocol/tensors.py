@@ -7,7 +7,7 @@ import math
 import numpy as np
 
 from adsvc_protocol import dtypes
-from adsvc_protocol.errors import InputError
+from adsvc_protocol.errors import InputError, LimitExceededError
 from adsvc_protocol.proto import ir_pb2
 
 TO_ENUM = {
@@ -54,7 +54,6 @@ def from_tensor(t: ir_pb2.Tensor, where: str = "", error=InputError,
     if n >= 2**62:
         raise error(f"shape {list(dims)} has too many elements", field=where)
     if max_elements is not None and n > max_elements:
-        from adsvc_protocol.errors import LimitExceededError
         raise LimitExceededError(f"tensor has {n} elements; the limit is {max_elements}",
                                  field=where)
     np_dt = dtypes.to_numpy(dt)
