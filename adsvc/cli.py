@@ -287,7 +287,7 @@ def _modes(text: str | None, order: int | None) -> tuple[str, ...] | None:
 
 def _single_scalar_float(graph) -> bool:
     try:
-        scalar_output(signature(graph)[1])
+        scalar_output(signature(graph)[1], primal_only=False)
     except InvalidRequestError:
         return False
     return True

@@ -195,8 +195,8 @@ class Builder:
 
     def binary(self, op: str, a, b) -> Node:
         """`op(a, b)` with a Python number on either side lifted to the other's dtype."""
-        if not isinstance(a, Node):
-            a = self.lift(a, b if isinstance(b, Node) else None)
+        if not isinstance(a, Node):  # a number takes the other side's dtype (node or array)
+            a = self.lift(a, b if hasattr(b, "dtype") else None)
         return self.make(op, (a, self.lift(b, a)))
 
 

@@ -34,8 +34,9 @@ def vjp_graph(graph: Graph, wrt: list[Node], targets: list[str], seed: bool = Fa
     ct: dict[int, Node] = {}
     new_inputs = []
     if seed:  # a plain gradient: the one scalar float output is seeded with 1
-        scalar_output({name: (n.dtype, n.shape) for name, n in zip(targets, target_nodes)})
-        t = target_nodes[0]
+        t = graph.output(scalar_output(
+            {name: (n.dtype, n.shape) for name, n in zip(targets, target_nodes)},
+            primal_only=False))
         ct[id(t)] = A.full((), 1.0, t.dtype)
     else:
         for name, t in zip(in_names, target_nodes):

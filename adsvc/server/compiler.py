@@ -78,7 +78,8 @@ def spec_from_proto(d: service_pb2.Differentiation, config: ServerConfig,
     """The Spec of a Differentiation message (modes through the one normaliser)."""
     names = [mode_from_enum(m, f"{where}.modes[{i}]") for i, m in enumerate(d.modes)]
     modes = normalize_modes(names, d.order or None, max_order=config.max_order,
-                            labels=("modes", "order"), field_prefix=f"{where}.")
+                            labels=("modes", "order"), field_prefix=f"{where}.",
+                            allow_empty=True)
     if not modes and (d.wrt or d.seed):
         raise InvalidRequestError("wrt/seed given without any mode", field=f"{where}.modes")
     return Spec(modes, tuple(d.wrt) if d.wrt else None, bool(d.seed))

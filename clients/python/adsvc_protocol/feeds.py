@@ -24,10 +24,11 @@ def convert_feed(name: str, value, dtype: str, shape: tuple[int, ...],
     """
     field = field or f"inputs.{name}"
     want = dtypes.to_numpy(dtype)
-    if isinstance(value, (np.ndarray, np.generic)):
-        arr = _from_array(name, value, dtype, want, field)
-    else:
-        arr = _from_python(name, value, dtype, want, field)
+    with np.errstate(all="ignore"):  # a lossy cast is reported as an InputError, not warned
+        if isinstance(value, (np.ndarray, np.generic)):
+            arr = _from_array(name, value, dtype, want, field)
+        else:
+            arr = _from_python(name, value, dtype, want, field)
     if arr.shape != tuple(shape):
         raise InputError(f"input {name!r} has shape {list(arr.shape)}, expected "
                          f"{list(shape)}", field=field)

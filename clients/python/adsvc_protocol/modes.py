@@ -17,10 +17,15 @@ TO_ENUM = {FORWARD: service_pb2.MODE_FORWARD, REVERSE: service_pb2.MODE_REVERSE}
 FROM_ENUM = {v: k for k, v in TO_ENUM.items()}
 
 
+HARD_MAX_ORDER = 1000  # beyond any graph's reach; keeps `modes * order` from allocating
+
+
 def normalize_modes(mode, order: int | None = None, *, max_order: int | None = None,
                     labels: tuple[str, str] = ("mode", "order"), field_prefix: str = "",
-                    error: type[AdsvcError] = InvalidRequestError) -> tuple[str, ...]:
-    """One mode per differentiation pass (an empty tuple: no differentiation).
+                    error: type[AdsvcError] = InvalidRequestError,
+                    allow_empty: bool = False) -> tuple[str, ...]:
+    """One mode per differentiation pass; with `allow_empty`, no modes (and no order)
+    is the empty tuple: no differentiation (a server's plain evaluation).
 
     `labels` name the mode and order arguments in messages and error fields (the CLI
     says "--mode"); `max_order` is checked before anything is repeated (an order can
@@ -30,14 +35,16 @@ def normalize_modes(mode, order: int | None = None, *, max_order: int | None = N
     modes = (mode,) if isinstance(mode, str) else tuple(mode)
     if order is None:
         order = len(modes)
-    if isinstance(order, bool) or not isinstance(order, int) or (modes and order < 1):
+    if isinstance(order, bool) or not isinstance(order, int) or order < (
+            0 if allow_empty and not modes else 1):
         raise error(f"{order_label} must be an integer >= 1, got {order!r}",
                     field=field_prefix + order_label)
     if len(modes) != 1 and len(modes) != order:
         raise error(f"{mode_label} lists {len(modes)} modes but {order_label} is {order}",
                     field=field_prefix + order_label)
-    if max_order and order > max_order:  # before `modes * order`
-        raise LimitExceededError(f"order {order} exceeds the limit of {max_order}",
+    limit = min(max_order or HARD_MAX_ORDER, HARD_MAX_ORDER)
+    if order > limit:  # before `modes * order`
+        raise LimitExceededError(f"order {order} exceeds the limit of {limit}",
                                  field=field_prefix + order_label)
     for m in modes:
         if m not in MODES:

@@ -68,9 +68,11 @@ def ordered(out: Mapping[str, Any], order) -> dict[str, Any]:
     return {k: out[k] for k in order if k in out}
 
 
-def scalar_output(outputs: Mapping[str, TypeSig]) -> str:
-    """The name of the one scalar float output a gradient needs, or InvalidRequestError."""
-    primal = [k for k in outputs if names.is_primal(k)]
+def scalar_output(outputs: Mapping[str, TypeSig], primal_only: bool = True) -> str:
+    """The name of the one scalar float output a gradient needs, or InvalidRequestError.
+    Among the graph's own outputs (`primal_only`: not those differentiation added — a
+    compiled graph's; else every output counts — a graph before differentiation)."""
+    primal = [k for k in outputs if names.is_primal(k) or not primal_only]
     floats = [k for k in primal if dtypes.is_float(outputs[k][0])]
     if len(floats) != 1 or tuple(outputs[floats[0]][1]) != ():
         raise InvalidRequestError(
