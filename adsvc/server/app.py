@@ -180,6 +180,9 @@ _LIMIT_FLAGS = {
     "max_stream_feeds": "most feeds in one EvaluateStream call",
     "cache_entries": "compiled graphs kept in the LRU cache",
     "max_cache_nodes": "compiled nodes kept in the LRU cache in total",
+    "max_cache_bytes": "bytes of compiled graphs, plans and constants kept in the cache",
+    "max_eval_bytes": "peak bytes of live values one evaluation may plan for",
+    "max_name_bytes": "longest input/output name or node label in bytes",
     "threads": "RPC worker threads per process",
     "max_concurrent_rpcs": "adsvc calls in progress at once; more get RESOURCE_EXHAUSTED",
 }

@@ -59,7 +59,9 @@ def limits(config: ServerConfig) -> service_pb2.Limits:
         max_compiled_nodes=config.max_compiled_nodes,
         max_tensor_elements=config.max_tensor_elements, max_order=config.max_order,
         max_stream_feeds=config.max_stream_feeds, cache_entries=config.cache_entries,
-        auth_required=bool(config.token))
+        auth_required=bool(config.token), max_eval_bytes=config.max_eval_bytes,
+        max_cache_bytes=config.max_cache_bytes, max_name_bytes=config.max_name_bytes,
+        max_concurrent_rpcs=config.max_concurrent_rpcs)
 
 
 def server_info(config: ServerConfig, stats: service_pb2.ServerStats) -> service_pb2.ServerInfo:
