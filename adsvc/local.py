@@ -25,14 +25,20 @@ def as_graph(g) -> Graph:
 
 
 def deadline_check(timeout: float | None):
-    """A check that raises DeadlineExceededError once `timeout` seconds have passed."""
+    """A check that raises DeadlineExceededError once `timeout` seconds have passed, or
+    when the `upcoming` step (estimated seconds) cannot finish before then."""
     if timeout is None:
         return None
     end = time.monotonic() + timeout
 
-    def check():
-        if time.monotonic() > end:
+    def check(steps: int = 0, upcoming: float = 0.0):
+        left = end - time.monotonic()
+        if left <= 0:
             raise DeadlineExceededError(f"deadline of {timeout}s exceeded")
+        if upcoming > left:
+            raise DeadlineExceededError(
+                f"deadline of {timeout}s: the next step (about {upcoming:.3g}s) cannot "
+                f"finish in the {left:.3g}s left; stopped after {steps} steps")
     return check
 
 

@@ -324,12 +324,30 @@ def build_graph(wire: WireGraph, max_nodes: int | None = None,
     return Graph(inputs, _build_outputs(wire, env), wire.name)
 
 
+def check_names(g: ir_pb2.Graph, max_bytes: int | None) -> None:
+    """InvalidGraphError for a graph, input or output name or node label longer than
+    `max_bytes` (UTF-8): names are echoed in errors and kept in caches."""
+    if not max_bytes:
+        return
+    named = [("name", g.name)]
+    named += [(f"inputs[{i}].name", p.name) for i, p in enumerate(g.inputs)]
+    named += [(f"outputs[{i}].name", o.name) for i, o in enumerate(g.outputs)]
+    named += [(f"nodes[{i}].label", p.label) for i, p in enumerate(g.nodes) if p.label]
+    for where, text in named:
+        n = len(text.encode("utf-8", "surrogatepass"))
+        if n > max_bytes:
+            raise InvalidGraphError(f"{where} is {n} bytes long; the limit is {max_bytes}",
+                                    field=where)
+
+
 def graph_from_proto(g: ir_pb2.Graph, max_nodes: int | None = None,
-                     max_elements: int | None = None, check: Checker = None) -> Graph:
+                     max_elements: int | None = None, check: Checker = None,
+                     max_name_bytes: int | None = None) -> Graph:
     """Decode and validate; raises typed errors (InvalidGraphError and its subclasses,
     LimitExceededError). `check` (optional) is called every few hundred nodes and may
     raise to stop the work."""
     check_node_count(len(g.nodes) + len(g.inputs), max_nodes)  # before decoding anything
+    check_names(g, max_name_bytes)
     try:
         wire = proto_to_wire(g, max_elements, check)
         return build_graph(wire, max_nodes=max_nodes, check=check)

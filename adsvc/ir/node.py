@@ -35,6 +35,13 @@ Attrs = tuple[tuple[str, Any], ...]
 
 _TABLE: weakref.WeakValueDictionary[tuple, Node] = weakref.WeakValueDictionary()
 _LOCK = threading.Lock()
+_CREATED = threading.local()  # nodes this thread has interned: what a compile grows by
+
+
+def nodes_created() -> int:
+    """How many new nodes this thread has made so far (a compile's growth is the
+    difference of two readings)."""
+    return getattr(_CREATED, "n", 0)
 
 
 class Node(NodeOperators):
@@ -120,6 +127,7 @@ def _intern(key: tuple, fields: dict, value_bytes: bytes | None = None) -> Node:
         if node is None:
             node = object.__new__(Node)
             fields["digest"] = _digest(fields, value_bytes)
+            _CREATED.n = getattr(_CREATED, "n", 0) + 1
             for k, v in fields.items():
                 object.__setattr__(node, k, v)
             _TABLE[key] = node

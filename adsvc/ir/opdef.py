@@ -51,6 +51,9 @@ class OpDef:
     attrs: dict[str, Attr] = field(default_factory=dict)
     doc: str = ""
     derivative: str = RULE
+    # What evaluating it costs (the plan's memory budget and deadline checks read these):
+    view: bool = False  # the kernel returns a view of operand 0 (no new memory)
+    flops: Callable | None = None  # node -> arithmetic operations; None: one per element
 
     def __post_init__(self):
         if self.derivative not in DERIVATIVES:

@@ -18,7 +18,7 @@ register(OpDef("constant", 0, _no_infer, lambda a: None, derivative=NONE,
 
 register(OpDef(
     "stop_gradient", 1, lambda ins, a: (ins[0].dtype, ins[0].shape),
-    lambda a: (lambda x: x), derivative=ZERO,
+    lambda a: (lambda x: x), derivative=ZERO, view=True,
     doc="identity whose derivative is zero (cuts the gradient path)"))
 
 

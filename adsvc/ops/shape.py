@@ -46,7 +46,7 @@ register(OpDef(
     _linear(lambda n, t: A.reshape(t, n.shape)),
     lambda n, ct: [A.reshape(ct, n.inputs[0].shape)],
     {"shape": Attr("ints", doc="target shape; one entry may be -1")},
-    doc="row-major reshape"))
+    doc="row-major reshape"))  # a view when numpy can, a copy otherwise: counted as a copy
 
 
 # -- transpose -------------------------------------------------------------------------
@@ -65,7 +65,7 @@ register(OpDef(
     _linear(lambda n, t: A.transpose(t, n.attr("perm"))),
     lambda n, ct: [A.transpose(ct, np.argsort(n.attr("perm")).tolist())],
     {"perm": Attr("ints", doc="output axis i is input axis perm[i]")},
-    doc="permute axes"))
+    doc="permute axes", view=True))
 
 
 # -- broadcast_to ------------------------------------------------------------------------
@@ -83,7 +83,7 @@ register(OpDef(
     _linear(lambda n, t: A.broadcast_to(t, n.shape)),
     lambda n, ct: [A.unbroadcast(ct, n.inputs[0].shape)],
     {"shape": Attr("ints", doc="target shape (numpy broadcasting)")},
-    doc="broadcast to a shape"))
+    doc="broadcast to a shape", view=True))
 
 
 # -- concat ----------------------------------------------------------------------------
@@ -186,7 +186,7 @@ register(OpDef(
     {"starts": Attr("ints", doc="first index per axis"),
      "stops": Attr("ints", doc="end index (exclusive) per axis"),
      "steps": Attr("ints", None, doc="stride per axis (>= 1); absent = 1")},
-    doc="strided slice x[start:stop:step] on every axis"))
+    doc="strided slice x[start:stop:step] on every axis", view=True))
 
 
 def _pad_params(x, attrs):
@@ -342,5 +342,11 @@ def _matmul_vjp(node, ct):
             A.reshape(db, b.shape) if db.shape != b.shape else db]
 
 
+def _matmul_flops(node) -> int:
+    """2·m·k·n per batch element: the contraction dimension times the result's size."""
+    return 2 * node.inputs[0].shape[-1] * max(node.size, 1)
+
+
 register(OpDef("matmul", 2, _matmul_infer, lambda a: np.matmul, _matmul_jvp, _matmul_vjp,
-               doc="matrix product with numpy semantics (batch broadcasting, 1-D operands)"))
+               doc="matrix product with numpy semantics (batch broadcasting, 1-D operands)",
+               flops=_matmul_flops))

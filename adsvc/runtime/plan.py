@@ -3,18 +3,21 @@
 Each node gets a slot; each step is (kernel bound to its attributes, operand slots,
 result slot). Every node is computed exactly once per run (memoization by
 construction), and a value's slot is cleared right after its last use (liveness),
-so peak memory follows what is live rather than the whole graph.
+so peak memory follows what is live rather than the whole graph. `Plan.cost` knows
+that peak, and each step's estimated seconds, before anything runs (runtime.cost).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
+from functools import cached_property
 
 import numpy as np
 
-from adsvc.interrupt import CHECK_EVERY
+from adsvc.interrupt import CHECK_EVERY, CHECK_SECONDS, Interrupt
 from adsvc.ir.graph import Graph
 from adsvc.ir.opdef import OPS
+from adsvc.runtime.cost import Cost, plan_cost
 from adsvc_protocol.errors import EvaluationError
 from adsvc_protocol.feeds import check_feeds
 
@@ -50,21 +53,37 @@ class Plan:
                 frees[k].append(s)
         self.steps = [(fn, ins, out, tuple(fr), n)
                       for (fn, ins, out, n), fr in zip(steps, frees)]
+        self._keep = keep
+
+    @cached_property
+    def cost(self) -> Cost:
+        """Peak live bytes, largest allocation and estimated seconds (per step too)."""
+        return plan_cost(self.graph.nodes, [(ins, out, fr, n) for _, ins, out, fr, n in
+                                            self.steps], self._keep)
 
     def run(self, feeds: Mapping[str, object],
-            interrupt: Callable[[], None] | None = None) -> dict[str, np.ndarray]:
+            interrupt: Interrupt | None = None) -> dict[str, np.ndarray]:
         """Evaluate with named input values; returns {output name: array}.
 
-        `interrupt`, if given, is called every CHECK_EVERY steps and may raise to stop
-        the work (deadlines, cancellation).
+        `interrupt(steps=k, upcoming=s)`, if given, may raise to stop the work (deadlines,
+        cancellation). It is called every CHECK_EVERY steps, whenever about CHECK_SECONDS
+        of estimated work has run since the last call, and before any step estimated to
+        take that long itself (`upcoming`: its estimated seconds, so a step that cannot
+        finish before the deadline is not started).
         """
         vals = list(self.template)
         for s, arr in zip(self.input_slots, check_feeds(self.inputs, feeds)):
             vals[s] = arr
+        estimate = self.cost.steps if interrupt is not None else ()
+        since = 0.0
         with np.errstate(all="ignore"):
             for k, (fn, ins, out, frees, node) in enumerate(self.steps):
-                if interrupt is not None and k % CHECK_EVERY == 0:
-                    interrupt()
+                if interrupt is not None:
+                    secs = estimate[k]
+                    if k % CHECK_EVERY == 0 or since + secs >= CHECK_SECONDS:
+                        interrupt(steps=k, upcoming=secs)
+                        since = 0.0
+                    since += secs
                 try:
                     vals[out] = fn(*[vals[i] for i in ins])
                 except Exception as e:  # a kernel rejecting a value, e.g. index range

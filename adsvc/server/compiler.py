@@ -13,7 +13,9 @@ import numpy as np
 
 from adsvc.ir.codec import graph_from_proto, graph_to_proto
 from adsvc.ir.graph import Graph
-from adsvc.passes.pipeline import compile_graph, signature
+from adsvc.ir.node import nodes_created
+from adsvc.passes.pipeline import compile_graph, estimate_nodes, signature
+from adsvc.runtime.cost import nbytes
 from adsvc.runtime.plan import Plan
 from adsvc.server.config import ServerConfig
 from adsvc_protocol.dtypes import to_numpy
@@ -28,6 +30,8 @@ from adsvc_protocol.modes import mode_from_enum, normalize_modes
 from adsvc_protocol.proto import ir_pb2, service_pb2
 from adsvc_protocol.recipes import Compiled
 from adsvc_protocol.tensors import from_tensor, to_tensor
+
+NODE_BYTES = 800  # a compiled node with its plan step and bound kernel (measured ~730)
 
 
 @dataclass(frozen=True)
@@ -67,6 +71,15 @@ class Entry:
             self._proto = graph_to_proto(self.graph)
         return self._proto
 
+    @property
+    def weight(self) -> tuple[int, int]:
+        """(bytes, nodes) this entry holds in the cache: nodes, plan steps and kernels at
+        NODE_BYTES each, plus constants' data and names/labels."""
+        nodes = self.graph.nodes
+        extra = sum(nbytes(n) if n.op == "constant" else len(n.label) + len(n.name or "")
+                    for n in nodes)
+        return len(nodes) * NODE_BYTES + extra, len(nodes)
+
     def output_bytes(self) -> int:
         """A lower bound of the encoded size of all outputs: their raw data alone."""
         return sum(math.prod(int(d) for d in shape) * np.dtype(to_numpy(dt)).itemsize
@@ -104,7 +117,7 @@ def decode_graph(proto: ir_pb2.Graph, config: ServerConfig,
     """Decode and validate a client's graph under the server's limits."""
     graph = graph_from_proto(proto, max_nodes=config.limit(config.max_nodes),
                              max_elements=config.limit(config.max_tensor_elements),
-                             check=check)
+                             check=check, max_name_bytes=config.limit(config.max_name_bytes))
     check_elements(graph, config, "graph")
     return graph
 
@@ -122,7 +135,8 @@ class Compiler:
 
     def __init__(self, config: ServerConfig):
         self.config = config
-        self.cache = LRUCache(config.cache_entries, config.max_cache_nodes)
+        self.cache = LRUCache(config.cache_entries,
+                              (config.max_cache_bytes, config.max_cache_nodes))
 
     def lookup(self, handle: str) -> Entry:
         """The cached entry of `handle`; HandleNotFoundError if it is not (or no longer)
@@ -146,19 +160,61 @@ class Compiler:
         if check is not None:
             check()
         start = time.perf_counter()
-        out = compile_graph(graph, spec.modes, spec.wrt, spec.seed, check=check)
+        out = compile_graph(graph, spec.modes, spec.wrt, spec.seed,
+                            check=self._growth_check(graph, spec, check))
         limit = self.config.max_compiled_nodes
         if limit and len(out.nodes) > limit:
             raise LimitExceededError(f"the compiled graph has {len(out.nodes)} nodes; the "
                                      f"limit is {limit}", field="differentiation")
         check_elements(out, self.config, "compiled graph")
         plan = Plan(out)
+        plan.cost  # noqa: B018  (computed once, with the entry, not on every evaluation)
         ins, outs = signature(out)
         entry = Entry(key, spec, out, plan, time.perf_counter() - start, ins, outs)
         if check is not None:
             check()  # finished after the deadline or a cancel: neither answer nor cache it
-        self.cache.put(key, entry, weight=len(out.nodes))
+        self.cache.put(key, entry, weight=entry.weight)
         return entry, False
+
+    def _growth_check(self, graph: Graph, spec: Spec, check):
+        """Refuse a compile whose estimated size is over max_compiled_nodes before it
+        starts, and stop one as soon as it has grown past the limit (`check` runs every
+        few hundred nodes of every pass)."""
+        limit = self.config.max_compiled_nodes
+        if not limit:
+            return check
+        estimate = estimate_nodes(graph, spec.modes, spec.wrt)
+        if estimate > limit:
+            raise LimitExceededError(
+                f"the compiled graph would have about {estimate} nodes ({len(graph.nodes)} "
+                f"nodes, {len(spec.modes)} passes); the limit is {limit}",
+                field="differentiation")
+        start = nodes_created() - len(graph.nodes)
+
+        def grown():  # counts every node made, simplified-away ones too: allow twice
+            if check is not None:
+                check()
+            if nodes_created() - start > 2 * limit:
+                raise LimitExceededError(f"the compiled graph grew past the limit of {limit} "
+                                         "nodes; compilation was stopped",
+                                         field="differentiation")
+        return grown
+
+    def runnable(self, entry: Entry) -> None:
+        """LimitExceededError before an evaluation whose planned peak of live values is
+        over max_eval_bytes (or whose outputs cannot fit in one message)."""
+        check_response_size(entry, self.config)
+        budget = self.config.max_eval_bytes
+        cost = entry.plan.cost
+        if budget and cost.peak_bytes > budget:
+            raise LimitExceededError(
+                f"this evaluation needs about {_mb(cost.peak_bytes)} at its peak (largest "
+                f"value {_mb(cost.largest_bytes)}); the budget is {_mb(budget)} "
+                "(--max-eval-bytes)", field="graph")
+
+
+def _mb(n: int) -> str:
+    return f"{n / 2**20:.1f} MiB"
 
 
 def decode_feeds(tensors: Mapping[str, ir_pb2.Tensor], config: ServerConfig,
@@ -168,6 +224,10 @@ def decode_feeds(tensors: Mapping[str, ir_pb2.Tensor], config: ServerConfig,
     limit = config.limit(config.max_tensor_elements)
     out = {}
     for name, t in tensors.items():
+        n = len(name.encode("utf-8", "surrogatepass"))
+        if config.max_name_bytes and n > config.max_name_bytes:
+            raise InputError(f"an input name is {n} bytes long; the limit is "
+                             f"{config.max_name_bytes}", field=f"{prefix}inputs")
         where = f"{prefix}inputs.{name}"
         try:
             out[name] = from_tensor(t, where, max_elements=limit)
@@ -223,6 +283,7 @@ class Backend:
             entry = source
         else:
             entry, _ = self.compiler.compile(source, Spec(modes, wrt, seed), self.check)
+        self.compiler.runnable(entry)
         self.entry = entry
         return Compiled(entry, entry.inputs, entry.outputs, entry.graph)
 

@@ -30,21 +30,34 @@ def _pack(msg) -> any_pb2.Any:
     return a
 
 
+# What a status may echo of a request (names, values, nearby nodes): the status travels in
+# the trailing metadata, which clients cap (gRPC's default: 8 KiB).
+MAX_FIELD, MAX_DESCRIPTION, MAX_CONTEXT, MAX_CYCLE = 200, 1000, 2000, 64
+
+
+def clip(text: str, limit: int) -> str:
+    """`text`, cut to `limit` characters with a note of how much was left out."""
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text) - limit} more)"
+
+
 def to_status(err: E.AdsvcError, field_prefix: str = "") -> grpc.Status:
-    """The grpc.Status (code, message, rich details) to abort a call with."""
+    """The grpc.Status (code, message, rich details) to abort a call with; what it
+    echoes is clipped so it always fits the client's metadata limit."""
     code = status_code(err)
-    field = field_prefix + err.field if err.field else field_prefix.rstrip(".")
+    field = clip(field_prefix + err.field if err.field else field_prefix.rstrip("."),
+                 MAX_FIELD)
+    description = clip(err.description, MAX_DESCRIPTION)
     violation = error_details_pb2.BadRequest.FieldViolation(
-        field=field, description=err.description)
+        field=field, description=description)
     metadata = {"field": field}
     if err.context:
-        metadata["context"] = err.context
+        metadata["context"] = clip(err.context, MAX_CONTEXT)
     cycle = getattr(err, "cycle", None)
     if cycle:
-        metadata["cycle"] = ",".join(str(c) for c in cycle)
+        metadata["cycle"] = ",".join(str(c) for c in cycle[:MAX_CYCLE])
     info = error_details_pb2.ErrorInfo(reason=type(err).__name__, domain=DOMAIN,
                                        metadata=metadata)
-    message = f"{type(err).__name__}: {field + ': ' if field else ''}{err.description}"
+    message = f"{type(err).__name__}: {field + ': ' if field else ''}{description}"
     status = status_pb2.Status(
         code=getattr(code_pb2, code.name), message=message,
         details=[_pack(error_details_pb2.BadRequest(field_violations=[violation])),

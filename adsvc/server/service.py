@@ -17,12 +17,10 @@ from collections import namedtuple
 
 import grpc
 
-from adsvc.interrupt import CHECK_EVERY
 from adsvc.server import errors as status_table
 from adsvc.server.compiler import (
     Backend,
     Compiler,
-    check_response_size,
     decode_feeds,
     encode_outputs,
     evaluate,
@@ -84,16 +82,25 @@ class Call:
         self.authorization = [v for k, v in raw if k == "authorization"]
         self.request_id = (md.get(REQUEST_ID) or uuid.uuid4().hex)[:128]
         self.field_prefix = ""
-        self.checks = 0  # interrupt() calls during evaluation (one per 256 steps)
+        self.checks = 0  # interrupt() calls during evaluation
+        self.steps = 0  # evaluation steps done when last checked
         self.interrupted = False
         self.idle_expired = False
         self.detail = ""
         self.status = "OK"  # the status code name the call ended with (logged)
 
-    def interrupt(self) -> None:
-        """Raise if the deadline expired or the client went away (stops the evaluator)."""
+    def interrupt(self, steps: int = 0, upcoming: float = 0.0) -> None:
+        """Raise if the deadline expired, the client went away, or the `upcoming` step
+        (estimated seconds) cannot finish before the deadline (stops the evaluator)."""
         self.checks += 1
+        self.steps = steps
         self.stop_if_done()
+        remaining = self.context.time_remaining()
+        if remaining is not None and upcoming > remaining:
+            self.interrupted = True
+            raise DeadlineExceededError(
+                f"the next evaluation step (about {upcoming:.3g}s) cannot finish in the "
+                f"{remaining:.3g}s left before the deadline; the work was stopped")
 
     def stop_if_done(self) -> None:
         """Raise if the deadline expired or the client went away (stops any work)."""
@@ -202,7 +209,7 @@ class AutodiffServicer(service_pb2_grpc.AutodiffServiceServicer):
         call.status = status_table.status_code(e).name
         if call.interrupted:
             self._count("evaluations_interrupted")
-            call.detail += (f" interrupted after {call.checks * CHECK_EVERY} evaluation steps"
+            call.detail += (f" interrupted after {call.steps} evaluation steps"
                             if call.checks else " interrupted while compiling")
         if call.idle_expired:  # the watchdog cancelled it: nobody is listening
             call.status = "CANCELLED"
@@ -240,9 +247,12 @@ class AutodiffServicer(service_pb2_grpc.AutodiffServiceServicer):
         if not self.config.max_concurrent_rpcs:
             return False
         if not self._slots.acquire(blocking=False):
+            with self._lock:
+                in_flight = self.counters["calls_in_flight"]
             raise LimitExceededError(
-                f"the server is busy: {self.config.max_concurrent_rpcs} calls are in "
-                "progress; retry later", field="")
+                f"the server is busy: all {self.config.max_concurrent_rpcs} slots "
+                f"(max_concurrent_rpcs) are taken, {in_flight} calls in flight; retry "
+                "later (health checks are never refused)", field="")
         return True
 
     def _stream_requests(self, raw_iterator, call: Call):
@@ -327,7 +337,8 @@ class AutodiffServicer(service_pb2_grpc.AutodiffServiceServicer):
     def Evaluate(self, request, call):
         """RPC: evaluate a graph (compiled for `differentiation`) or a handle at one feed."""
         entry = self._source(request, call)
-        check_response_size(entry, self.config)
+        self.compiler.runnable(entry)
+        call.detail += _cost(entry)
         feeds = decode_feeds(request.inputs, self.config)
         values = evaluate(entry, feeds, call.interrupt)
         resp = service_pb2.EvaluateResponse(outputs=encode_outputs(entry, values),
@@ -369,7 +380,8 @@ class AutodiffServicer(service_pb2_grpc.AutodiffServiceServicer):
             raise InvalidRequestError("the first message must be a target (graph or handle)",
                                       field="target")
         entry = self._source(first.target, call, "target.")
-        check_response_size(entry, self.config)  # every feed's response has these outputs
+        self.compiler.runnable(entry)  # every feed's response has these outputs
+        call.detail += _cost(entry)
         limit = self.config.max_stream_feeds
         for index, msg in enumerate(request_iterator):
             call.field_prefix = f"feeds[{index}]."
@@ -397,6 +409,12 @@ class AutodiffServicer(service_pb2_grpc.AutodiffServiceServicer):
             cache_size=len(cache), cache_hits=cache.hits, cache_misses=cache.misses,
             evaluations_interrupted=c["evaluations_interrupted"])
         return server_info(self.config, stats)
+
+
+def _cost(entry) -> str:
+    """The evaluation's planned cost for the call's log line."""
+    c = entry.plan.cost
+    return f" ops={c.operations} est_ms={c.seconds * 1000:.1f} peak_mb={c.peak_bytes / 2**20:.1f}"
 
 
 def _type(dtype: str, shape) -> ir_pb2.TensorType:

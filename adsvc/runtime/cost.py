@@ -1,0 +1,104 @@
+"""What evaluating a plan costs, known before it runs: the peak bytes of live values,
+the largest single allocation, and an estimate of each step's seconds.
+
+Memory follows the plan's liveness exactly: a step allocates its result (unless its op
+returns a view of its operand, `OpDef.view`, which keeps that operand's memory alive
+instead), and a value's memory is released when the last slot holding it (or a view
+of it) is freed. Inputs and constants count for the whole run. Kernel temporaries are
+covered by adding the largest single allocation once.
+
+Time is estimated from operation counts (`OpDef.flops`, else one per element of the
+result and the operands) times a per-process calibration of this machine (a
+transcendental elementwise kernel and a matrix product, timed once): the deadline
+checks use it to not start a step that cannot finish in time.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+from functools import cache
+
+import numpy as np
+
+from adsvc.ir.opdef import OPS
+from adsvc_protocol import dtypes
+
+
+@cache
+def calibration() -> tuple[float, float]:
+    """(seconds per elementwise operation, seconds per matmul flop) on this machine,
+    measured once (a few milliseconds)."""
+    x = np.linspace(0.0, 1.0, 1 << 18)
+    a = np.ones((192, 192))
+    best_e = best_m = math.inf
+    for _ in range(3):
+        t = time.perf_counter()
+        np.sin(x)
+        best_e = min(best_e, (time.perf_counter() - t) / x.size)
+        t = time.perf_counter()
+        a @ a
+        best_m = min(best_m, (time.perf_counter() - t) / (2 * 192 ** 3))
+    return max(best_e, 1e-10), max(best_m, 1e-12)
+
+
+def nbytes(node) -> int:
+    """Bytes of `node`'s value."""
+    return math.prod(node.shape) * np.dtype(dtypes.to_numpy(node.dtype)).itemsize
+
+
+def operations(node) -> tuple[int, float]:
+    """(operations, estimated seconds) of one step computing `node`."""
+    per_elem, per_flop = calibration()
+    op = OPS[node.op]
+    if op.view:
+        return 0, 0.0
+    if op.flops is not None:
+        n = op.flops(node)
+        return n, n * per_flop
+    n = node.size + sum(i.size for i in node.inputs)
+    return n, n * per_elem
+
+
+@dataclass(frozen=True)
+class Cost:
+    """The figures of a plan (see the module docstring)."""
+
+    peak_bytes: int  # most bytes of values alive at once, plus the largest allocation
+    largest_bytes: int  # the largest single result
+    operations: int  # arithmetic operations (flops; one per element where not declared)
+    seconds: float  # estimated total
+    steps: tuple[float, ...]  # estimated seconds of each step
+
+
+def plan_cost(nodes, steps, keep: set[int]) -> Cost:
+    """The Cost of `steps` [(operand slots, result slot, frees, node)] over slots of
+    `nodes`; `keep` are the output slots (never freed)."""
+    owner = {}  # slot -> the slot whose memory it holds (itself, or a view's base)
+    refs: dict[int, int] = {}
+    live = 0
+    for s, n in enumerate(nodes):
+        if n.op in ("input", "constant"):
+            owner[s], refs[s] = s, 1 << 60  # held for the whole run
+            live += nbytes(n)
+    peak, largest, ops = live, 0, 0
+    secs = []
+    for ins, out, frees, node in steps:
+        if OPS[node.op].view and ins:
+            owner[out] = owner[ins[0]]
+            refs[owner[out]] += 1
+        else:
+            owner[out], refs[out] = out, 1
+            live += nbytes(node)
+            largest = max(largest, nbytes(node))
+        peak = max(peak, live)
+        n, s = operations(node)
+        ops += n
+        secs.append(s)
+        for s in frees:
+            o = owner[s]
+            refs[o] -= 1
+            if refs[o] == 0 and o not in keep:
+                live -= nbytes(nodes[o])
+    return Cost(peak + largest, largest, ops, sum(secs), tuple(secs))
