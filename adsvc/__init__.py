@@ -24,6 +24,7 @@ from adsvc.ops.api import (
     eq,
     exp,
     expm1,
+    full,
     ge,
     gt,
     le,
@@ -43,6 +44,8 @@ from adsvc.ops.api import (
     ne,
     neg,
     norm,
+    ones,
+    ones_like,
     pad,
     pow,
     reciprocal,
@@ -66,8 +69,12 @@ from adsvc.ops.api import (
     tanh,
     transpose,
     where,
+    zeros,
+    zeros_like,
 )
+from adsvc.passes.inline import call
 from adsvc.passes.pipeline import differentiate
+from adsvc.passes.transforms import grad, hessian, jacobian, jvp, value_and_grad, vjp
 from adsvc.tracer import Spec, boolean, f32, f64, i32, i64, trace
 from adsvc.version import __version__
 from adsvc_protocol.errors import AdsvcError
@@ -85,6 +92,10 @@ __all__ = [
     "AdsvcError", "Graph", "LocalClient", "Node", "Spec", "__version__", "boolean",
     "connect", "constant", "differentiate", "errors", "f32", "f64", "from_proto", "i32",
     "i64", "local", "to_proto", "trace",
+    # function transformations that work inside traces, and calling graphs
+    "call", "grad", "hessian", "jacobian", "jvp", "value_and_grad", "vjp",
+    # array constructors
+    "full", "ones", "ones_like", "zeros", "zeros_like",
     # the op builders and composites of adsvc.ops.api
     "abs", "add", "broadcast_to", "cast", "concat", "cos", "div", "dot", "eq", "exp",
     "expm1", "ge", "gt", "le", "log", "log1p", "log_softmax", "logsumexp", "lt", "matmul",

@@ -12,8 +12,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from adsvc.ir.graph import Graph
-from adsvc.ir.node import Node, input_node
-from adsvc.ops.api import lift
+from adsvc.ir.node import input_node
+from adsvc.passes.transforms import named_outputs
 from adsvc_protocol import dtypes
 from adsvc_protocol.names import check_user_name
 
@@ -51,20 +51,6 @@ def boolean(*shape: int) -> Spec:
     return Spec(dtypes.BOOL, tuple(shape))
 
 
-def _outputs(result) -> list[tuple[str, Node]]:
-    if isinstance(result, dict):
-        items = list(result.items())
-    elif isinstance(result, (tuple, list)):
-        items = [(f"out{i}", v) for i, v in enumerate(result)]
-    else:
-        items = [("out", result)]
-    out = []
-    for name, v in items:
-        check_user_name(name, "output")
-        out.append((name, lift(v)))
-    return out
-
-
 def trace(fn: Callable, name: str | None = None, **specs: Spec) -> Graph:
     """Graph of `fn`, with one input per keyword in `specs` (default: every parameter of
     `fn` a float64 scalar)."""
@@ -76,5 +62,5 @@ def trace(fn: Callable, name: str | None = None, **specs: Spec) -> Graph:
             raise TypeError(f"input {k!r}: give a type such as adsvc.f64() or adsvc.f32(3, 4)")
     inputs = {k: input_node(k, s.dtype, s.shape) for k, s in specs.items()}
     result = fn(**inputs)
-    return Graph(list(inputs.values()), _outputs(result),
+    return Graph(list(inputs.values()), named_outputs(result),
                  name or getattr(fn, "__name__", "") .replace("<lambda>", "lambda"))

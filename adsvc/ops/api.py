@@ -144,6 +144,16 @@ def zeros(shape, dtype="float64") -> Node:
     return broadcast_to(constant(np.zeros((), dtype=dtype)), tuple(shape))
 
 
+def ones(shape, dtype="float64") -> Node:
+    """A tensor of ones without storing one: a scalar constant broadcast to `shape`."""
+    return full(shape, 1, dtype)
+
+
+def ones_like(x: Node) -> Node:
+    """Ones of x's shape and dtype."""
+    return ones(x.shape, x.dtype)
+
+
 def full(shape, value, dtype="float64") -> Node:
     """A tensor of `value` without storing one: a scalar constant broadcast to `shape`."""
     return broadcast_to(constant(np.full((), value, dtype=dtype)), tuple(shape))
