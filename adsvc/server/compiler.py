@@ -4,6 +4,7 @@ evaluation. No gRPC here; service.py parses requests and calls these."""
 from __future__ import annotations
 
 import hashlib
+import logging
 import math
 import time
 from collections.abc import Callable, Mapping
@@ -18,19 +19,23 @@ from adsvc.passes.pipeline import compile_graph, estimate_nodes, signature
 from adsvc.runtime.cost import nbytes
 from adsvc.runtime.plan import Plan
 from adsvc.server.config import ServerConfig
+from adsvc.server.metrics import Metrics
+from adsvc.server.store import RedisStore
 from adsvc_protocol.dtypes import to_numpy
 from adsvc_protocol.errors import (
+    AdsvcError,
     HandleNotFoundError,
     InputError,
     InvalidRequestError,
     LimitExceededError,
 )
 from adsvc_protocol.lru import LRUCache
-from adsvc_protocol.modes import mode_from_enum, normalize_modes
+from adsvc_protocol.modes import TO_ENUM, mode_from_enum, normalize_modes
 from adsvc_protocol.proto import ir_pb2, service_pb2
 from adsvc_protocol.recipes import Compiled
 from adsvc_protocol.tensors import from_tensor, to_tensor
 
+log = logging.getLogger("adsvc.server")
 NODE_BYTES = 800  # a compiled node with its plan step and bound kernel (measured ~730)
 
 
@@ -98,6 +103,12 @@ def spec_from_proto(d: service_pb2.Differentiation, config: ServerConfig,
     return Spec(modes, tuple(d.wrt) if d.wrt else None, bool(d.seed))
 
 
+def spec_to_proto(spec: Spec) -> service_pb2.Differentiation:
+    """The Differentiation message of a Spec (what the shared store keeps with a graph)."""
+    return service_pb2.Differentiation(modes=[TO_ENUM[m] for m in spec.modes],
+                                       wrt=list(spec.wrt or ()), seed=spec.seed)
+
+
 def check_elements(graph: Graph, config: ServerConfig, what: str) -> None:
     """LimitExceededError if a node of `graph` (called `what` in the message) has more
     than max_tensor_elements elements."""
@@ -131,21 +142,58 @@ def cache_key(graph: Graph, spec: Spec) -> str:
 
 
 class Compiler:
-    """Compiles graphs once per content hash and keeps them in a bounded LRU."""
+    """Compiles graphs once per content hash and keeps them in a bounded LRU; with a
+    shared store (`config.store`), also finds what other replicas compiled."""
 
-    def __init__(self, config: ServerConfig):
+    def __init__(self, config: ServerConfig, metrics: Metrics | None = None):
         self.config = config
+        self.metrics = metrics or Metrics()
         self.cache = LRUCache(config.cache_entries,
                               (config.max_cache_bytes, config.max_cache_nodes))
+        self.store = None
+        if config.store:
+            self.store = RedisStore(config.store, config.store_ttl_seconds,
+                                    config.store_max_bytes)
+            self.store.on_event = lambda e: self.metrics.store.labels(e).inc()
 
     def lookup(self, handle: str) -> Entry:
-        """The cached entry of `handle`; HandleNotFoundError if it is not (or no longer)
-        cached, which tells the client to send the graph."""
-        entry = self.cache.get(handle) if handle else None
+        """The entry of `handle` from the local cache or the shared store;
+        HandleNotFoundError if neither has it, which tells the client to send the graph."""
+        entry = self._cached(handle) if handle else None
         if entry is None:
             raise HandleNotFoundError(
                 f"no compiled graph with handle {handle[:16]!r}... on this server; send "
                 "the graph instead", field="handle")
+        return entry
+
+    def _cached(self, key: str) -> Entry | None:
+        entry = self.cache.get(key)
+        self.metrics.cache.labels("hit" if entry is not None else "miss").inc()
+        if entry is None and self.store is not None:
+            entry = self._from_store(key)
+        return entry
+
+    def _from_store(self, key: str) -> Entry | None:
+        """The stored compiled graph of `key`, validated under the limits like a client's
+        graph and planned; None if the store does not have it (or it is unusable)."""
+        stored = self.store.get(key)
+        if stored is None:
+            return None
+        try:
+            spec = spec_from_proto(stored.differentiation, self.config)
+            graph = decode_graph(stored.graph, self.config)
+            limit = self.config.max_compiled_nodes
+            if limit and len(graph.nodes) > limit:
+                raise LimitExceededError("stored graph over max_compiled_nodes")
+        except AdsvcError as e:
+            log.warning("stored entry %s... refused: %s", key[:16], e)
+            return None
+        start = time.perf_counter()
+        plan = Plan(graph)
+        plan.cost  # noqa: B018  (computed once, with the entry)
+        ins, outs = signature(graph)
+        entry = Entry(key, spec, graph, plan, time.perf_counter() - start, ins, outs)
+        self.cache.put(key, entry, weight=entry.weight)
         return entry
 
     def compile(self, proto: ir_pb2.Graph, spec: Spec,
@@ -154,7 +202,7 @@ class Compiler:
         is passed to the core's decoder and passes and called between stages."""
         graph = decode_graph(proto, self.config, check)
         key = cache_key(graph, spec)
-        entry = self.cache.get(key)
+        entry = self._cached(key)
         if entry is not None:
             return entry, True
         if check is not None:
@@ -174,6 +222,10 @@ class Compiler:
         if check is not None:
             check()  # finished after the deadline or a cancel: neither answer nor cache it
         self.cache.put(key, entry, weight=entry.weight)
+        self.metrics.compile.observe(entry.compile_seconds)
+        if self.store is not None:
+            self.store.put(key, lambda: service_pb2.DifferentiateRequest(
+                graph=entry.proto(), differentiation=spec_to_proto(spec)))
         return entry, False
 
     def _growth_check(self, graph: Graph, spec: Spec, check):

@@ -53,6 +53,10 @@ class ServerConfig:
     tls_cert: str | None = None  # PEM server certificate chain (with tls_key: TLS on)
     tls_key: str | None = None  # PEM private key of tls_cert
     tls_client_ca: str | None = None  # PEM CA bundle: clients must present a cert it signed
+    store: str | None = None  # redis://host:port/db: compiled graphs shared by replicas
+    store_ttl_seconds: int = 86_400  # how long a stored compiled graph lives in the store
+    store_max_bytes: int = 64 * MIB  # larger compiled graphs are not stored
+    metrics_port: int | None = None  # Prometheus /metrics on this HTTP port (None: off)
 
     @property
     def pool_threads(self) -> int:

@@ -28,6 +28,7 @@ from adsvc.server.compiler import (
 )
 from adsvc.server.config import ServerConfig
 from adsvc.server.info import server_info
+from adsvc.server.metrics import Metrics
 from adsvc.server.watchdog import Watchdog
 from adsvc_protocol import recipes
 from adsvc_protocol.errors import (
@@ -179,7 +180,8 @@ class AutodiffServicer(service_pb2_grpc.AutodiffServiceServicer):
 
     def __init__(self, config: ServerConfig):
         self.config = config
-        self.compiler = Compiler(config)
+        self.metrics = Metrics()
+        self.compiler = Compiler(config, self.metrics)
         self._lock = threading.Lock()
         self.counters = {"calls_in_flight": 0, "calls_total": 0, "evaluations_interrupted": 0}
         self._slots = threading.BoundedSemaphore(config.max_concurrent_rpcs or 1)
@@ -196,10 +198,15 @@ class AutodiffServicer(service_pb2_grpc.AutodiffServiceServicer):
         with self._lock:
             self.counters["calls_in_flight"] += 1
             self.counters["calls_total"] += 1
+        self.metrics.in_flight.inc()
         return call
 
     def _end(self, call: Call) -> None:
         self._count("calls_in_flight", -1)
+        m = self.metrics
+        m.in_flight.dec()
+        m.calls.labels(call.rpc, call.status).inc()
+        m.latency.labels(call.rpc).observe(time.perf_counter() - call.start)
         log.info("rpc=%s request_id=%s status=%s ms=%.1f peer=%s%s", call.rpc, call.request_id,
                  call.status, (time.perf_counter() - call.start) * 1000, call.context.peer(),
                  call.detail)
@@ -207,6 +214,8 @@ class AutodiffServicer(service_pb2_grpc.AutodiffServiceServicer):
     def _failed(self, call: Call, e: AdsvcError) -> None:
         """A typed error: its status (with rich details) ends the call."""
         call.status = status_table.status_code(e).name
+        if call.status == "RESOURCE_EXHAUSTED":
+            self.metrics.refused.labels(_reason(e)).inc()
         if call.interrupted:
             self._count("evaluations_interrupted")
             call.detail += (f" interrupted after {call.steps} evaluation steps"
@@ -409,6 +418,13 @@ class AutodiffServicer(service_pb2_grpc.AutodiffServiceServicer):
             cache_size=len(cache), cache_hits=cache.hits, cache_misses=cache.misses,
             evaluations_interrupted=c["evaluations_interrupted"])
         return server_info(self.config, stats)
+
+
+def _reason(e: AdsvcError) -> str:
+    """A bounded label for a refusal: the part of the request its field names."""
+    if not e.field:
+        return "busy" if "busy" in e.description else "limit"
+    return e.field.split(".")[0].split("[")[0]
 
 
 def _cost(entry) -> str:

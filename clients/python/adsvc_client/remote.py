@@ -8,19 +8,30 @@ are checked and converted against the compiled graph's inputs before they are se
 rule the server applies). Graphs are of the type the client's `GraphCodec` speaks:
 `adsvc.v1.Graph` protos by default; `adsvc.connect` passes adsvc's codec, so traced
 graphs go in and `differentiate` returns an `adsvc.Graph`.
+
+UNAVAILABLE (no server listening yet, a restart, a worker that died) is retried by the
+SDK with jittered exponential backoff for up to `retry_seconds` (default 15 s), never
+beyond the call's own timeout: every adsvc RPC is a pure function of its request
+(`idempotency_level = NO_SIDE_EFFECTS` in service.proto), so a retry cannot do anything
+twice. No other status is retried, and an EvaluateStream call only while it has not
+received a response. gRPC's own retry policy (at most 5 attempts, about 0.6 s) is not
+used. `tls=` / `credentials=` make a TLS channel (`adsvc_client.tls`).
 """
 
 from __future__ import annotations
 
-import json
+import random
+import time
 import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import grpc
 import numpy as np
+from google.protobuf import descriptor_pb2
 
 from adsvc_client.status import error_from_rpc
+from adsvc_client.tls import TLS, channel_security
 from adsvc_protocol import errors as E
 from adsvc_protocol.client import ClientBase, Compiled
 from adsvc_protocol.feeds import check_feeds
@@ -33,17 +44,80 @@ from adsvc_protocol.tensors import dtype_from_enum, from_tensor, to_tensor
 SERVICE = "adsvc.v1.AutodiffService"
 DEFAULT_MAX_MESSAGE_BYTES = 64 * 1024 * 1024
 FALLBACK_STREAM_FEEDS = 1024  # feeds per stream when the server's limit is unknown
+DEFAULT_RETRY_SECONDS = 15.0  # how long UNAVAILABLE is retried (0: not at all)
+RETRY_FIRST_DELAY = 0.05  # seconds before the first retry; doubles up to RETRY_MAX_DELAY
+RETRY_MAX_DELAY = 1.0  # each delay is jittered: a uniform draw in [delay/2, delay]
+# The channel reconnects at least this often while the server is down (gRPC's default
+# backoff grows to 120 s, so a retried call would not notice a server back up).
+RECONNECT_OPTIONS = [("grpc.initial_reconnect_backoff_ms", 200),
+                     ("grpc.max_reconnect_backoff_ms", 1000)]
+
+_METHODS = service_pb2.DESCRIPTOR.services_by_name["AutodiffService"].methods_by_name
+# The RPCs service.proto declares free of side effects (or idempotent): retried on
+# UNAVAILABLE. All of them are; a new method without the option would not be retried.
+RETRY_SAFE = frozenset(
+    name for name, m in _METHODS.items()
+    if m.GetOptions().idempotency_level != descriptor_pb2.MethodOptions.IDEMPOTENCY_UNKNOWN)
 
 
-def service_config(max_attempts: int = 4) -> str:
-    """gRPC service config: retry UNAVAILABLE with exponential backoff."""
-    return json.dumps({"methodConfig": [{
-        "name": [{"service": SERVICE}],
-        "retryPolicy": {
-            "maxAttempts": max_attempts, "initialBackoff": "0.1s", "maxBackoff": "2s",
-            "backoffMultiplier": 2, "retryableStatusCodes": ["UNAVAILABLE"],
-        },
-    }]})
+class Retry:
+    """The retry budget of one RPC: after an UNAVAILABLE attempt, `again` sleeps a
+    jittered, exponentially growing delay and says whether to try once more, which is
+    while `seconds` have not passed since the first attempt and the call's deadline
+    (`timeout` seconds from now, if any) leaves time for it."""
+
+    def __init__(self, seconds: float, timeout: float | None):
+        self.start = time.monotonic()
+        self.deadline = None if timeout is None else self.start + timeout
+        self.end = self.start + seconds
+        if self.deadline is not None:
+            self.end = min(self.end, self.deadline)
+        self.delays: list[float] = []  # slept between attempts
+
+    @property
+    def attempts(self) -> int:
+        """Attempts made so far."""
+        return len(self.delays) + 1
+
+    def remaining(self) -> float | None:
+        """The time left until the call's deadline (the next attempt's timeout)."""
+        return None if self.deadline is None else max(0.0, self.deadline - time.monotonic())
+
+    def again(self, err: grpc.RpcError) -> bool:
+        """Sleep and return True if the failed attempt `err` is to be retried."""
+        code = err.code() if hasattr(err, "code") else None
+        if code != grpc.StatusCode.UNAVAILABLE:
+            return False
+        delay = min(RETRY_MAX_DELAY, RETRY_FIRST_DELAY * 2 ** (self.attempts - 1))
+        delay *= random.uniform(0.5, 1.0)
+        if time.monotonic() + delay >= self.end:
+            return False
+        time.sleep(delay)
+        self.delays.append(delay)
+        return True
+
+    def error(self, err: grpc.RpcError) -> E.AdsvcError:
+        """The typed error of the last attempt, saying how often it was tried."""
+        e = error_from_rpc(err)
+        if self.attempts > 1 and type(e) is E.UnavailableError:
+            e = E.UnavailableError(f"{e.description} (tried {self.attempts} times over "
+                                   f"{time.monotonic() - self.start:.1f} s)", e.field,
+                                   e.context)
+        return e
+
+
+def _read_token(path: str) -> str:
+    """The first line of a token file, stripped; UsageError if unreadable or empty."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            token = f.readline().strip()
+    except (OSError, UnicodeDecodeError) as e:
+        raise E.UsageError(f"cannot read the token file {path!r}: "
+                           f"{getattr(e, 'strerror', None) or e}", field="token_file") from None
+    if not token:
+        raise E.UsageError(f"the token file {path!r} is empty: its first line is the token",
+                           field="token_file")
+    return token
 
 
 def _signature(named) -> dict[str, tuple[str, tuple[int, ...]]]:
@@ -76,28 +150,39 @@ class RemoteClient(ClientBase):
     """A client for an adsvc server; see the module docstring.
 
     `target` is "host:port". `timeout` is the default per-call deadline in seconds (each
-    method also takes `timeout=`). `token` is sent as "authorization: Bearer <token>".
-    `max_message_bytes` bounds sent and received messages. UNAVAILABLE is retried up to
-    `max_attempts` times by gRPC (service config). `credentials` makes a secure channel.
+    method also takes `timeout=`). `token` (or the first line of `token_file`) is sent
+    as "authorization: Bearer <token>". `tls=True` verifies the server against the
+    system's roots; `tls=TLS(ca_file, cert_file, key_file, server_name)` against a CA
+    file, with a client certificate (mTLS) and a server-name override; `credentials`
+    (any `grpc.ChannelCredentials`) instead of `tls`. UNAVAILABLE is retried for up to
+    `retry_seconds` (0: never; see the module docstring). `max_message_bytes` bounds
+    sent and received messages; `options` are extra gRPC channel options.
     """
 
     def __init__(self, target: str, *, timeout: float | None = None, token: str | None = None,
-                 max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES, max_attempts: int = 4,
-                 credentials: grpc.ChannelCredentials | None = None, options=(),
+                 token_file: str | None = None, tls: bool | TLS | None = None,
+                 credentials: grpc.ChannelCredentials | None = None,
+                 retry_seconds: float = DEFAULT_RETRY_SECONDS,
+                 max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES, options=(),
                  cache_size: int = 128, graphs: GraphCodec = PROTOS):
+        if token and token_file:
+            raise E.UsageError("give token= or token_file=, not both", field="token_file")
+        if not retry_seconds >= 0:
+            raise E.UsageError(f"retry_seconds must be >= 0, not {retry_seconds}",
+                               field="retry_seconds")
+        secure, tls_options = channel_security(tls, credentials)
         self.target = target
         self.graphs = graphs
         self.default_timeout = timeout
-        self._token = token
+        self.retry_seconds = float(retry_seconds)
+        self._token = _read_token(token_file) if token_file else token
         opts = [
             ("grpc.max_send_message_length", max_message_bytes),
             ("grpc.max_receive_message_length", max_message_bytes),
-            ("grpc.enable_retries", 1),
-            ("grpc.service_config", service_config(max_attempts)),
-            *options,
+            *RECONNECT_OPTIONS, *tls_options, *options,
         ]
-        self._channel = (grpc.secure_channel(target, credentials, options=opts)
-                         if credentials is not None
+        self._channel = (grpc.secure_channel(target, secure, options=opts)
+                         if secure is not None
                          else grpc.insecure_channel(target, options=opts))
         self._stub = service_pb2_grpc.AutodiffServiceStub(self._channel)
         self.cache = LRUCache(cache_size)
@@ -113,15 +198,24 @@ class RemoteClient(ClientBase):
     def _timeout(self, timeout):
         return self.default_timeout if timeout is None else timeout
 
-    def _call(self, method, request, timeout):
-        try:
-            return method(request, timeout=self._timeout(timeout), metadata=self._metadata())
-        except grpc.RpcError as err:
-            raise error_from_rpc(err) from None
+    def _retry(self, rpc: str, timeout) -> Retry:
+        return Retry(self.retry_seconds if rpc in RETRY_SAFE else 0.0, self._timeout(timeout))
+
+    def _call(self, rpc: str, request, timeout):
+        """A unary RPC by name, retried on UNAVAILABLE; typed errors."""
+        method = getattr(self._stub, rpc)
+        retry = self._retry(rpc, timeout)
+        metadata = self._metadata()  # one request id for every attempt
+        while True:
+            try:
+                return method(request, timeout=retry.remaining(), metadata=metadata)
+            except grpc.RpcError as err:
+                if not retry.again(err):
+                    raise retry.error(err) from None
 
     def server_info(self, *, timeout: float | None = None) -> service_pb2.ServerInfo:
         """The server's versions, op list, limits and counters."""
-        return self._call(self._stub.GetServerInfo, service_pb2.GetServerInfoRequest(), timeout)
+        return self._call("GetServerInfo", service_pb2.GetServerInfoRequest(), timeout)
 
     def close(self) -> None:
         """Close the channel and drop the cached handles."""
@@ -130,7 +224,7 @@ class RemoteClient(ClientBase):
 
     # -- primitives --------------------------------------------------------------------
     def _differentiate(self, graph, diff, omit_graph: bool, timeout):
-        return self._call(self._stub.Differentiate, service_pb2.DifferentiateRequest(
+        return self._call("Differentiate", service_pb2.DifferentiateRequest(
             graph=graph, differentiation=diff, omit_graph=omit_graph), timeout)
 
     def _compile(self, g, modes, wrt, seed, timeout) -> Compiled:
@@ -162,11 +256,11 @@ class RemoteClient(ClientBase):
         h: RemoteHandle = compiled.handle
         inputs = _encode_feeds(compiled, feeds)
         try:
-            resp = self._call(self._stub.Evaluate,
+            resp = self._call("Evaluate",
                               service_pb2.EvaluateRequest(handle=h.handle, inputs=inputs),
                               timeout)
         except E.HandleNotFoundError:  # evicted, restarted or another replica: re-send
-            resp = self._call(self._stub.Evaluate, service_pb2.EvaluateRequest(
+            resp = self._call("Evaluate", service_pb2.EvaluateRequest(
                 graph=h.graph, differentiation=h.differentiation, inputs=inputs), timeout)
             h.handle = resp.handle
         return _decode(resp.outputs)
@@ -210,10 +304,16 @@ class RemoteClient(ClientBase):
                 yield service_pb2.EvaluateStreamRequest(feed=service_pb2.Feed(inputs=inputs))
 
         out: list[dict[str, np.ndarray]] = [{} for _ in encoded]
-        try:
-            for resp in self._stub.EvaluateStream(requests(), timeout=self._timeout(timeout),
-                                                  metadata=self._metadata()):
-                out[resp.index] = _decode(resp.outputs)
-        except grpc.RpcError as err:
-            raise error_from_rpc(err) from None
-        return out
+        retry = self._retry("EvaluateStream", timeout)
+        metadata = self._metadata()
+        while True:
+            received = 0  # retried only while nothing came back
+            try:
+                for resp in self._stub.EvaluateStream(requests(), timeout=retry.remaining(),
+                                                      metadata=metadata):
+                    out[resp.index] = _decode(resp.outputs)
+                    received += 1
+                return out
+            except grpc.RpcError as err:
+                if received or not retry.again(err):
+                    raise retry.error(err) from None
