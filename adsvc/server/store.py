@@ -106,5 +106,6 @@ class RedisStore:
         self._writer.submit(lambda: None).result(timeout=timeout)
 
     def close(self) -> None:
+        """Finish pending writes and close the connection."""
         self._writer.shutdown(wait=True, cancel_futures=False)
         self._redis.close()
