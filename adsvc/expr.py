@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import ast
 import math
+import sys
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
@@ -107,6 +108,39 @@ def _syntax_message(text: str, e: SyntaxError) -> str:
     return f"invalid syntax at {where} near '{token}'{detail}"
 
 
+def _parse(text: str) -> ast.AST:
+    """The body of `text` parsed as a Python expression (not yet checked)."""
+    try:
+        return ast.parse(text, mode="eval").body
+    except SyntaxError as e:
+        if "integer string conversion" in (e.msg or ""):
+            raise ExprError(f"an integer literal is too long (more than "
+                            f"{sys.get_int_max_str_digits()} digits); write a large "
+                            f"number as a float, e.g. 1e400") from None
+        raise ExprError(_syntax_message(text, e)) from None
+    except (RecursionError, MemoryError):
+        # Python's parser nests one level per operator of a chain ('x+x+...+x'), and
+        # gives up at a few thousand levels
+        raise ExprError("expression is too deeply nested for the parser (a chain of "
+                        "thousands of operators): group terms in parentheses, e.g. "
+                        "(a+b+c) + (d+e+f), or use sum() over a vector") from None
+    except ValueError as e:  # e.g. NUL bytes, lone surrogates
+        raise ExprError(f"invalid expression: {e}") from None
+
+
+def _children(node: ast.AST) -> list[ast.AST]:
+    """The operands of a checked node, left to right."""
+    if isinstance(node, ast.BinOp):
+        return [node.left, node.right]
+    if isinstance(node, ast.UnaryOp):
+        return [node.operand]
+    if isinstance(node, ast.Compare):
+        return [node.left, *node.comparators]
+    if isinstance(node, ast.Call):
+        return list(node.args)
+    return []
+
+
 class Expression:
     """A checked expression: its free variables and a builder for its graph."""
 
@@ -121,20 +155,15 @@ class Expression:
         if "\0" in text:
             raise ExprError("the expression contains a NUL character")
         self.text = text.strip()  # column offsets refer to the stripped text
-        try:
-            tree = ast.parse(self.text, mode="eval")
-        except SyntaxError as e:
-            raise ExprError(_syntax_message(self.text, e)) from None
-        except (RecursionError, MemoryError):
-            raise ExprError("expression is too deeply nested") from None
-        except ValueError as e:  # e.g. NUL bytes
-            raise ExprError(f"invalid expression: {e}") from None
-        self.tree = tree.body
+        self.tree = _parse(self.text)
         self.variables: list[str] = []
-        try:
-            self._check(self.tree)
-        except RecursionError:
-            raise ExprError("expression is too deeply nested") from None
+        self._seen: set[str] = set()
+        # pre-order, left to right (the order variables appear in), without recursion
+        stack = [self.tree]
+        while stack:
+            node = stack.pop()
+            self._check(node)
+            stack.extend(reversed(_children(node)))
 
     # -- checking ----------------------------------------------------------------------
     def _refuse(self, node: ast.AST, what: str):
@@ -143,6 +172,7 @@ class Expression:
         raise ExprError(f"{what} is not allowed (at {_col(node)}{near})")
 
     def _check(self, node: ast.AST) -> None:
+        """Check `node` itself (its children are checked by the caller's walk)."""
         if isinstance(node, ast.Constant):
             v = node.value
             if isinstance(v, bool) or not isinstance(v, (int, float)):
@@ -158,20 +188,15 @@ class Expression:
             if type(node.op) not in _BINOPS:
                 op = _BINOP_TEXT.get(type(node.op), type(node.op).__name__)
                 self._refuse(node, f"the operator '{op}'")
-            self._check(node.left)
-            self._check(node.right)
         elif isinstance(node, ast.UnaryOp):
             if not isinstance(node.op, (ast.USub, ast.UAdd)):
                 op = {ast.Not: "not", ast.Invert: "~"}.get(type(node.op), "?")
                 self._refuse(node, f"the operator '{op}'")
-            self._check(node.operand)
         elif isinstance(node, ast.Compare):
             if len(node.ops) != 1:
                 self._refuse(node, "a chained comparison")
             if type(node.ops[0]) not in _CMPOPS:
                 self._refuse(node, "the comparison 'is'/'in'")
-            self._check(node.left)
-            self._check(node.comparators[0])
         elif isinstance(node, ast.Call):
             self._check_call(node)
         else:
@@ -185,7 +210,8 @@ class Expression:
         if name in FUNCTIONS:
             raise ExprError(f"'{name}' is a function, call it as {FUNCTIONS[name].doc} "
                             f"(at {_col(node)})")
-        if name not in CONSTANTS and name not in self.variables:
+        if name not in CONSTANTS and name not in self._seen:
+            self._seen.add(name)
             self.variables.append(name)
 
     def _check_call(self, node: ast.Call) -> None:
@@ -207,8 +233,6 @@ class Expression:
             n = " or ".join(str(k) for k in sorted(fn.arities))
             raise ExprError(f"{name}() takes {n} argument{'s' if fn.arities != (1,) else ''}, "
                             f"got {len(node.args)} (at {_col(node)}; usage: {fn.doc})")
-        for a in node.args:
-            self._check(a)
 
     # -- building ----------------------------------------------------------------------
     def build(self, env: Mapping[str, Node]) -> Node:
@@ -216,12 +240,21 @@ class Expression:
         missing = [v for v in self.variables if v not in env]
         if missing:
             raise ExprError(f"no node for variable(s) {', '.join(missing)}")
-        try:
-            return self._build(self.tree, env)
-        except RecursionError:
-            raise ExprError("expression is too deeply nested") from None
+        # post-order, left to right, without recursion: a node is built after its children
+        built: dict[int, Node] = {}
+        stack: list[tuple[ast.AST, bool]] = [(self.tree, False)]
+        while stack:
+            node, ready = stack.pop()
+            kids = _children(node)
+            if not ready:
+                stack.append((node, True))
+                stack.extend((k, False) for k in reversed(kids))
+                continue
+            built[id(node)] = self._make(node, [built.pop(id(k)) for k in kids], env)
+        return built[id(self.tree)]
 
-    def _build(self, node: ast.AST, env: Mapping[str, Node]) -> Node:
+    def _make(self, node: ast.AST, args: list[Node], env: Mapping[str, Node]) -> Node:
+        """The node of `node` given the nodes of its children (`args`)."""
         if isinstance(node, ast.Constant):
             return constant(np.float64(node.value))
         if isinstance(node, ast.Name):
@@ -229,17 +262,12 @@ class Expression:
                 return constant(np.float64(CONSTANTS[node.id]))
             return env[node.id]
         if isinstance(node, ast.BinOp):
-            return self._apply(node, _BINOPS[type(node.op)],
-                               [self._build(node.left, env), self._build(node.right, env)])
+            return self._apply(node, _BINOPS[type(node.op)], args)
         if isinstance(node, ast.UnaryOp):
-            x = self._build(node.operand, env)
-            return x if isinstance(node.op, ast.UAdd) else self._apply(node, api.neg, [x])
+            return args[0] if isinstance(node.op, ast.UAdd) else self._apply(node, api.neg, args)
         if isinstance(node, ast.Compare):
-            return self._apply(node, _CMPOPS[type(node.ops[0])],
-                               [self._build(node.left, env),
-                                self._build(node.comparators[0], env)])
+            return self._apply(node, _CMPOPS[type(node.ops[0])], args)
         assert isinstance(node, ast.Call)
-        args = [self._build(a, env) for a in node.args]
         return self._apply(node, FUNCTIONS[node.func.id].build, args)
 
     def _apply(self, node: ast.AST, fn, args: list[Node]) -> Node:
@@ -255,14 +283,34 @@ class Expression:
     def graph(self, shapes: Mapping[str, tuple[int, ...]] | None = None,
               output: str | None = None, dtype: str = dtypes.FLOAT64) -> Graph:
         """The graph with one `dtype` input per variable (scalar unless `shapes` says
-        otherwise) and one output (named `output`, default "z" or "out")."""
+        otherwise) and one output: named `output`, by default `output_name(variables)`
+        ("z", or another name that is not a variable)."""
+        if output is None:
+            output = output_name(self.variables)
+        elif output in self._seen:
+            raise ExprError(f"the output name {output!r} is also a variable of the "
+                            f"expression")
         shapes = shapes or {}
         inputs = {v: input_node(v, dtype, tuple(shapes.get(v, ()))) for v in self.variables}
         node = self.build(inputs)
-        if output is None:
-            output = next(n for n in ("z", "out", "value", "result", "f")
-                          if n not in self.variables)
         return Graph(list(inputs.values()), [(output, node)], "expr")
+
+
+OUTPUT_NAMES = ("z", "out", "value", "result", "f")  # preferred, in this order
+
+
+def output_name(variables) -> str:
+    """The name of an expression's output: the first of OUTPUT_NAMES that is not one of
+    `variables`, else the first of "z_1", "z_2", ... that is not (there always is one:
+    `variables` is finite)."""
+    taken = set(variables)
+    for name in OUTPUT_NAMES:
+        if name not in taken:
+            return name
+    k = 1
+    while f"z_{k}" in taken:
+        k += 1
+    return f"z_{k}"
 
 
 def parse(text: str) -> Expression:

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 import adsvc
-from adsvc.expr import FUNCTIONS, ExprError, parse, to_graph
+from adsvc.expr import FUNCTIONS, OUTPUT_NAMES, ExprError, output_name, parse, to_graph
 
 
 def _sigmoid(x):
@@ -91,6 +91,49 @@ def test_variables_in_order_of_appearance_and_shared():
 def test_output_name_avoids_a_variable_called_z():
     g = to_graph("z * 2")
     assert g.input_names == ["z"] and g.output_names == ["out"]
+
+
+def test_output_name_never_collides_even_when_every_preferred_name_is_taken():
+    """Regression: with z, out, value, result and f all variables, choosing the output
+    name raised StopIteration (`next()` over the five preferred names ran dry)."""
+    assert output_name([]) == "z"
+    assert output_name(["z", "out"]) == "value"
+    assert output_name(OUTPUT_NAMES) == "z_1"
+    assert output_name([*OUTPUT_NAMES, "z_1", "z_2", "z_4"]) == "z_3"
+    taken = [*OUTPUT_NAMES, *(f"z_{k}" for k in range(1, 1000))]
+    assert output_name(taken) == "z_1000"
+    g = to_graph("z + out + value + result + f")
+    assert g.output_names == ["z_1"] and "z_1" not in g.input_names
+    value = adsvc.local().evaluate(g, z=1.0, out=2.0, value=3.0, result=4.0, f=5.0)
+    assert float(value["z_1"]) == 15.0
+
+
+def test_an_explicit_output_name_may_not_be_a_variable():
+    assert parse("x + y").graph(output="loss").output_names == ["loss"]
+    with pytest.raises(ExprError, match="'x' is also a variable"):
+        parse("x + y").graph(output="x")
+
+
+def test_checking_and_building_do_not_recurse():
+    """A chain as long as Python's parser accepts (thousands of levels, beyond the
+    interpreter's recursion limit) is checked and built; variables keep their order."""
+    import sys
+
+    n = sys.getrecursionlimit() * 2
+    e = parse(" + ".join(f"v{i % 7}" for i in range(n)))
+    assert e.variables == [f"v{i}" for i in range(7)]
+    value = adsvc.local().evaluate(e.graph(), {f"v{i}": 1.0 for i in range(7)})
+    assert float(value["z"]) == n
+    e = parse("**".join(["x"] * n))  # right-nested
+    assert e.variables == ["x"]
+    assert sum(node.op == "pow" for node in e.graph().nodes) == n - 1
+
+
+def test_what_the_parser_cannot_take_is_a_clear_error():
+    with pytest.raises(ExprError, match="too deeply nested for the parser"):
+        to_graph("+".join(["x"] * 40_000))
+    with pytest.raises(ExprError, match="integer literal is too long"):
+        to_graph("1" * 5000 + " * x")
 
 
 def test_integer_literals_become_float64_constants():
