@@ -133,3 +133,23 @@ def test_metrics_count_calls_statuses_and_refusals():
     assert 'adsvc_cache_total{result="hit"} 1.0' in text
     assert "adsvc_compile_seconds_count 1.0" in text
     assert 'adsvc_call_seconds_count{rpc="Gradient"} 2.0' in text
+
+
+def test_serve_flags_store_and_metrics_port(redis_url):
+    from service_fixtures import ServerProcess
+
+    port = free_port()
+    proc = ServerProcess("--store", redis_url, "--metrics-port", str(port))
+    try:
+        graph = seed_graph()
+        graph.name = "never-stored-before"  # a new handle: the store misses it
+        with channel(proc.target) as ch:
+            g = stub(ch).Gradient(S.GradientRequest(graph=graph, inputs=XY), timeout=30)
+            assert float(from_tensor(g.value)) == 23.0
+        text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics",
+                                      timeout=10).read().decode()
+        assert 'adsvc_calls_total{rpc="Gradient",status="OK"} 1.0' in text
+        assert 'adsvc_store_total{result="miss"} 1.0' in text
+    finally:
+        proc.terminate()
+        assert proc.wait(30) == 0

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import logging
 import multiprocessing
 import os
@@ -129,6 +130,13 @@ def _serve_one(address: str, config: ServerConfig, announce: bool,
                stop: threading.Event | None = None, ready=None) -> int:
     server, port = create_server(address, config, reuse_port=ready is not None)
     server.start()
+    metrics = None
+    if config.metrics_port is not None:
+        metrics, _ = server.adsvc_servicer.metrics.serve_http(config.metrics_port,
+                                                               address.rsplit(":", 1)[0]
+                                                               .strip("[]"))
+        log.info("metrics on http://%s:%s/metrics", address.rsplit(":", 1)[0],
+                 metrics.server_port)
     if ready is not None:
         ready.set()
     host = address.rsplit(":", 1)[0]
@@ -140,6 +148,8 @@ def _serve_one(address: str, config: ServerConfig, announce: bool,
     while not stop.wait(0.5):
         pass
     _shutdown(server, config)
+    if metrics is not None:
+        metrics.shutdown()
     return 0
 
 
@@ -203,8 +213,11 @@ class Supervisor:
 
     def _spawn(self, slot: _Slot) -> None:
         slot.ready = self.ctx.Event()
+        config = self.config  # worker i serves its metrics on --metrics-port + i
+        if config.metrics_port:
+            config = dataclasses.replace(config, metrics_port=config.metrics_port + slot.index)
         slot.proc = self.ctx.Process(target=_worker_main, daemon=False,
-                                     args=(self.address, self.config, slot.ready))
+                                     args=(self.address, config, slot.ready))
         slot.proc.start()
         slot.started = time.monotonic()
         slot.restart_at = None
@@ -363,6 +376,7 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--drain", type=float, default=default.drain_seconds,
                         help="seconds to report NOT_SERVING before refusing new calls")
     _add_security_arguments(parser)
+    _add_deployment_arguments(parser)
     parser.add_argument("--log-level", default="INFO",
                         choices=["DEBUG", "INFO", "WARNING", "ERROR"])
 
@@ -380,6 +394,20 @@ def _add_security_arguments(parser: argparse.ArgumentParser) -> None:
                              "Visible in the process list: prefer --token-file")
     parser.add_argument("--token-file", metavar="PATH",
                         help="read the token from the first line of this file")
+
+
+def _add_deployment_arguments(parser: argparse.ArgumentParser) -> None:
+    """The shared-store and metrics flags of `adsvc serve`."""
+    default = ServerConfig()
+    parser.add_argument("--store", metavar="redis://HOST:PORT/DB",
+                        help="share compiled graphs with other replicas through this Redis "
+                             "(default: none, the in-process cache only)")
+    parser.add_argument("--store-ttl", type=int, default=default.store_ttl_seconds,
+                        metavar="S", help="seconds a stored compiled graph lives "
+                        f"(default {default.store_ttl_seconds})")
+    parser.add_argument("--metrics-port", type=_port, default=None, metavar="PORT",
+                        help="serve Prometheus metrics on http://HOST:PORT/metrics (with "
+                             "--workers N, worker i on PORT+i; default: off)")
 
 
 def _token(args: argparse.Namespace) -> str | None:
@@ -410,7 +438,16 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
                         stream_idle_seconds=args.stream_idle_seconds, token=_token(args),
                         tls_cert=getattr(args, "tls_cert", None),
                         tls_key=getattr(args, "tls_key", None),
-                        tls_client_ca=getattr(args, "tls_client_ca", None))
+                        tls_client_ca=getattr(args, "tls_client_ca", None),
+                        store=_store(args), store_ttl_seconds=args.store_ttl,
+                        metrics_port=args.metrics_port)
+
+
+def _store(args: argparse.Namespace) -> str | None:
+    url = getattr(args, "store", None)
+    if url and not (url.startswith(("redis://", "rediss://")) and len(url) > 8):
+        raise ServeError(f"--store must be a redis://HOST:PORT/DB address, not {url!r}")
+    return url or None
 
 
 def _check_args(args: argparse.Namespace) -> None:
