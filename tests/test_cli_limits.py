@@ -347,6 +347,37 @@ def test_a_sdk_without_tls_is_a_one_line_error(capsys, fake_connect, monkeypatch
     assert fake_connect == []
 
 
+def test_tls_and_token_against_a_real_mtls_server(capsys, tmp_path, monkeypatch):
+    """The flags end to end: mutual TLS with certificates made on the fly, and a token."""
+    if not hasattr(adsvc_client, "TLS"):
+        pytest.skip("this SDK has no TLS support")
+    from service_fixtures import running_server
+    from test_service_tls import make_pki
+
+    from adsvc.server.config import ServerConfig
+
+    monkeypatch.delenv("ADSVC_TOKEN", raising=False)
+    pki = make_pki(tmp_path)
+    token_file = tmp_path / "token"
+    token_file.write_text("s3cret\n")
+    config = ServerConfig(tls_cert=pki["server_cert"], tls_key=pki["server_key"],
+                          tls_client_ca=pki["ca"], token="s3cret")
+    with running_server(config) as (_, target):
+        server_only = ["--server", target, "--tls-ca", pki["ca"],
+                       "--tls-server-name", "localhost"]
+        tls = [*server_only, "--tls-cert", pki["client_cert"], "--tls-key",
+               pki["client_key"], "--timeout", "20"]
+        assert ok(capsys, "grad", *SEED, *tls, "--token-file", str(token_file)) == \
+            "value: 23\ngradient: x = 10, y = 3\n"
+        assert "UnauthenticatedError" in fails(capsys, "eval", *SEED, *tls, code=1)
+        monkeypatch.setenv("ADSVC_TOKEN", "s3cret")
+        assert ok(capsys, "eval", *SEED, *tls) == "value: 23\n"
+        assert "grad:x" in ok(capsys, "show", "x*y", "--mode", "reverse", *tls)
+        # plaintext to a TLS server, or TLS without the client certificate: refused
+        fails(capsys, "eval", *SEED, "--server", target, "--timeout", "3", code=1)
+        fails(capsys, "eval", *SEED, *server_only, "--timeout", "3", code=1)
+
+
 # -- 4. hostile arguments -----------------------------------------------------------------
 HOSTILE = [
     (["show", "x", "--mode", "forward", "--order", "99999999999999999999"],
