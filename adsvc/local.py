@@ -7,9 +7,10 @@ import time
 from adsvc.ir.codec import graph_from_proto
 from adsvc.ir.graph import Graph
 from adsvc.passes.pipeline import compile_graph, signature
+from adsvc.runtime.cost import memory_fraction
 from adsvc.runtime.plan import Plan
 from adsvc_protocol.client import ClientBase, Compiled
-from adsvc_protocol.errors import DeadlineExceededError, InvalidRequestError
+from adsvc_protocol.errors import DeadlineExceededError, InvalidRequestError, LimitExceededError
 from adsvc_protocol.lru import LRUCache
 from adsvc_protocol.proto import ir_pb2
 
@@ -44,10 +45,15 @@ def deadline_check(timeout: float | None):
 
 class LocalClient(ClientBase):
     """Compiles and evaluates in this process; compiled plans are cached (LRU, bounded
-    by entries and by compiled nodes)."""
+    by entries and by compiled nodes). An evaluation whose planned peak of live values
+    is over `max_eval_bytes` (default: half of this machine's memory; 0: no limit) is
+    refused before it runs, as the server refuses it."""
 
-    def __init__(self, cache_size: int = 128, max_cache_nodes: int = 0):
+    def __init__(self, cache_size: int = 128, max_cache_nodes: int = 0,
+                 max_eval_bytes: int | None = None):
         self.cache = LRUCache(cache_size, max_cache_nodes)
+        self.max_eval_bytes = memory_fraction(0.5) if max_eval_bytes is None \
+            else max_eval_bytes
 
     def _compile(self, g, modes, wrt, seed, timeout) -> Compiled:
         graph = as_graph(g)
@@ -62,14 +68,22 @@ class LocalClient(ClientBase):
         return compiled
 
     def _run(self, compiled, feeds, timeout):
-        return compiled.handle.run(feeds, interrupt=deadline_check(timeout))
+        plan = compiled.handle
+        if self.max_eval_bytes and plan.cost.peak_bytes > self.max_eval_bytes:
+            raise LimitExceededError(
+                f"this evaluation needs about {plan.cost.peak_bytes / 2**20:.1f} MiB at its "
+                f"peak; the budget is {self.max_eval_bytes / 2**20:.1f} MiB (max_eval_bytes "
+                "of adsvc.local())", field="graph")
+        return plan.run(feeds, interrupt=deadline_check(timeout))
 
     def close(self) -> None:
         """Drop the cached plans (the client stays usable)."""
         self.cache.clear()
 
 
-def local(cache_size: int = 128, max_cache_nodes: int = 0) -> LocalClient:
+def local(cache_size: int = 128, max_cache_nodes: int = 0,
+          max_eval_bytes: int | None = None) -> LocalClient:
     """An in-process client (the embedded default). `cache_size` compiled graphs are
-    kept, and at most `max_cache_nodes` compiled nodes in total (0: no node bound)."""
-    return LocalClient(cache_size, max_cache_nodes)
+    kept, and at most `max_cache_nodes` compiled nodes in total (0: no node bound);
+    `max_eval_bytes` bounds one evaluation's planned peak memory (see LocalClient)."""
+    return LocalClient(cache_size, max_cache_nodes, max_eval_bytes)

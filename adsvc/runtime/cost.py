@@ -16,6 +16,7 @@ checks use it to not start a step that cannot finish in time.
 from __future__ import annotations
 
 import math
+import os
 import time
 from dataclasses import dataclass
 from functools import cache
@@ -41,6 +42,15 @@ def calibration() -> tuple[float, float]:
         a @ a
         best_m = min(best_m, (time.perf_counter() - t) / (2 * 192 ** 3))
     return max(best_e, 1e-10), max(best_m, 1e-12)
+
+
+def memory_fraction(fraction: float, fallback: int = 4 << 30) -> int:
+    """`fraction` of this machine's physical memory in bytes (`fallback` if unknown)."""
+    try:
+        total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (AttributeError, ValueError, OSError):
+        return fallback
+    return int(total * fraction) if total > 0 else fallback
 
 
 def nbytes(node) -> int:

@@ -2,20 +2,14 @@
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
+
+from adsvc.runtime.cost import memory_fraction
 
 MIB = 1024 * 1024
 HEADROOM_THREADS = 4  # pool threads beyond the adsvc slots: health, reflection, server info
 
 
-def _memory_fraction(fraction: float, fallback: int = 4096 * MIB) -> int:
-    """`fraction` of this machine's physical memory in bytes (`fallback` if unknown)."""
-    try:
-        total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    except (AttributeError, ValueError, OSError):
-        return fallback
-    return int(total * fraction) if total > 0 else fallback
 
 
 @dataclass(frozen=True)
@@ -47,7 +41,7 @@ class ServerConfig:
     drain_seconds: float = 0.0  # SIGTERM: report NOT_SERVING this long before stopping
     token: str | None = None  # bearer token required on every call except health/reflection
     # the peak bytes of live values one evaluation may plan for (refused before it runs)
-    max_eval_bytes: int = _memory_fraction(0.25)
+    max_eval_bytes: int = memory_fraction(0.25)
     max_cache_bytes: int = 1024 * MIB  # compiled graphs + plans + constants held in the cache
     max_name_bytes: int = 1024  # input/output names and node labels (UTF-8 bytes)
     tls_cert: str | None = None  # PEM server certificate chain (with tls_key: TLS on)
