@@ -8,6 +8,7 @@
 
 from adsvc import errors
 from adsvc import ops as _ops  # noqa: F401  (registers the op table)
+from adsvc.explain import explain
 from adsvc.ir.codec import GRAPHS, graph_from_proto, graph_to_proto
 from adsvc.ir.graph import Graph
 from adsvc.ir.node import Node, constant
@@ -90,8 +91,8 @@ def connect(target: str, **kw):
 
 __all__ = [
     "AdsvcError", "Graph", "LocalClient", "Node", "Spec", "__version__", "boolean",
-    "connect", "constant", "differentiate", "errors", "f32", "f64", "from_proto", "i32",
-    "i64", "local", "to_proto", "trace",
+    "connect", "constant", "differentiate", "errors", "explain", "f32", "f64", "from_proto",
+    "i32", "i64", "local", "to_proto", "trace",
     # function transformations that work inside traces, and calling graphs
     "call", "grad", "hessian", "jacobian", "jvp", "value_and_grad", "vjp",
     # array constructors

@@ -4,6 +4,7 @@
     adsvc eval 'sin(x)*exp(y)' --at x=1 --at y=0 --json
     adsvc show 'x*x + x*y + 2' --mode reverse            # text IR of the gradient graph
     adsvc export 'x*x + x*y + 2' -o graph.json           # a graph file (.json or .pb)
+    adsvc dot 'x*x + x*y + 2' --mode reverse --at x=3 --at y=4 -o grad.svg   # a picture
     adsvc serve --port 50051
 
 EXPR is a safe infix expression (see adsvc.expr) or the path of a graph file (.pb binary
@@ -61,7 +62,7 @@ MAX_ECHO = 60  # characters of a user's value echoed in a message
 MAX_PATH = 500  # characters of a path echoed in a message
 MAX_MESSAGE = 2000  # characters of an error line
 MAX_ARGS = 1000  # command-line arguments besides the --at items (argparse is quadratic)
-_AT_COMMANDS = ("grad", "eval", "show", "export")
+_AT_COMMANDS = ("grad", "eval", "show", "export", "dot")
 _OPTION_LIKE = re.compile(r"^--?[A-Za-z][A-Za-z0-9_-]*(=.*)?$")
 _NUMBER = re.compile(r"^-\d+$|^-\d*\.\d+$")
 
@@ -597,6 +598,30 @@ def cmd_export(args) -> int:
     return 0
 
 
+def cmd_dot(args) -> int:
+    """`adsvc dot`: draw the graph or, with --mode, its differentiated graph (with --at,
+    every node shows its value) to -o FILE: .svg, .png, .pdf (by Graphviz) or .dot."""
+    from adsvc.explain import picture
+    from adsvc.ir import dot
+
+    fmt = dot.check_format(args.output)  # before any work: the format and Graphviz
+    modes = _modes(args.mode, args.order)
+    at = parse_at(args.at)
+    loaded = load(args.expr, at, need_values=bool(at), limits=limits(args))
+    if modes is None and args.wrt is not None:
+        raise CLIError("--wrt needs --mode forward|reverse")
+    wrt = parse_wrt(args.wrt, loaded.graph.input_names) if modes else None
+    drawn, text = picture(loaded.graph, modes, wrt, inputs=loaded.feeds, limit=args.limit,
+                          nearest=args.nearest)
+    dot.write_picture(text, args.output)
+    n = len(drawn.nodes)
+    how = (f"a summary of the {min(args.nearest, n):,} nodes nearest the outputs"
+           if dot.is_summary(drawn, args.limit) else "every node")
+    print(f"wrote {args.output} ({fmt}: {n:,} nodes, {how}"
+          f"{', with values' if at else ''})")
+    return 0
+
+
 def cmd_serve(args) -> int:
     """`adsvc serve`: run the gRPC server until SIGTERM/SIGINT; returns its exit status."""
     from adsvc.server.app import run_from_args
@@ -755,6 +780,33 @@ def _add_show_export(sub) -> None:
     p.set_defaults(func=cmd_export)
 
 
+def _add_dot(sub) -> None:
+    from adsvc.ir.dot import DEFAULT_LIMIT, DEFAULT_NEAREST
+
+    p = sub.add_parser("dot", help="draw a graph or its derivative (SVG, PNG, PDF, DOT)",
+                       description="Draw the graph (inputs, constants, ops; an edge from "
+                       "each operand to its user) or, with --mode, its differentiated graph, "
+                       "primal, tangent, cotangent and output nodes styled apart, with a "
+                       "legend. With --at every node shows its value; a derivative node of a "
+                       "forward graph shows one value per input (one sweep each). Graphs "
+                       "over --limit nodes are drawn as a summary. SVG, PNG and PDF need "
+                       "Graphviz's dot program; a .dot file needs nothing.")
+    _common(p, "required")
+    p.add_argument("--mode", metavar="MODE", help="forward or reverse, or one mode per "
+                   "order as a comma list (e.g. reverse,forward for a Hessian)")
+    p.add_argument("--wrt", metavar="X,Y", help="differentiate only with respect to these")
+    p.add_argument("--order", type=_order, metavar="N", help="derivative order (default 1)")
+    p.add_argument("-o", "--output", required=True, metavar="FILE",
+                   help="the picture: .svg, .png, .pdf (drawn by Graphviz) or .dot (text)")
+    p.add_argument("--limit", type=_count, default=DEFAULT_LIMIT, metavar="N",
+                   help=f"draw every node of a graph of at most N nodes, else a summary "
+                        f"(default {DEFAULT_LIMIT})")
+    p.add_argument("--nearest", type=_count, default=DEFAULT_NEAREST, metavar="K",
+                   help=f"a summary draws the K nodes nearest the outputs (default "
+                        f"{DEFAULT_NEAREST})")
+    p.set_defaults(func=cmd_dot)
+
+
 def _add_serve(sub, argv: Sequence[str]) -> None:
     p = sub.add_parser("serve", help="run the adsvc gRPC server",
                        description="Run the adsvc gRPC server.")
@@ -782,6 +834,7 @@ def build_parser(argv: Sequence[str] = ()) -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     _add_grad_eval(sub)
     _add_show_export(sub)
+    _add_dot(sub)
     _add_serve(sub, argv)
     return parser
 

@@ -47,7 +47,7 @@ LAYERS = [
     ("passes", ["adsvc.passes"]),
     ("runtime", ["adsvc.runtime"]),
     ("front ends", ["adsvc.tracer", "adsvc.expr", "adsvc.graphfile", "adsvc.local",
-                    "adsvc.server", "adsvc_client"]),
+                    "adsvc.server", "adsvc_client", "adsvc.explain"]),
     ("top", ["adsvc.cli", "adsvc.__main__", "adsvc$"]),
 ]
 ISLANDS = {"front ends"}  # each pattern of these layers may not import another one's modules

@@ -82,6 +82,29 @@ class Graph:
         """The readable text form (see `adsvc.ir.text`)."""
         return to_text(self)
 
+    def to_dot(self, values=None, **options) -> str:
+        """A picture as Graphviz DOT text (see `adsvc.ir.dot`): inputs, constants, ops and
+        outputs, primal/tangent/cotangent nodes styled apart, a legend; `values`
+        ({node: value}, e.g. `adsvc.explain(g, mode, **inputs).values`) annotate nodes.
+        `options`: limit, nearest, title, legend, notes, rankdir."""
+        from adsvc.ir import dot
+
+        return dot.to_dot(self, values, **options)
+
+    def render(self, path, values=None, **options):
+        """Write the picture to `path` (.svg, .png, .pdf drawn by Graphviz's `dot`, or
+        .dot text) and return `path`; arguments as `to_dot`."""
+        from adsvc.ir import dot
+
+        dot.write_picture(dot.to_dot(self, values, **options), path)
+        return path
+
+    def _repr_svg_(self):
+        """Jupyter's rich display: the picture as SVG (None without Graphviz)."""
+        from adsvc.ir import dot
+
+        return dot.svg_or_none(dot.to_dot(self))
+
     def __repr__(self) -> str:
         return (f"<Graph {self.name} {len(self.nodes)} nodes, inputs={self.input_names}, "
                 f"outputs={self.output_names}>")
