@@ -1,8 +1,9 @@
 """A shared compiled-graph store, so replicas behind a load balancer serve each other's
 handles: `handle -> (differentiated graph, compile spec)` kept in Redis.
 
-A replica that compiles a graph writes it here (in the background: the answer does not
-wait); a replica that misses a handle in its own cache loads it from here — decoded and
+A replica that compiles a graph writes it here before it answers (so a client may send
+the very next call, by handle, to any replica), but waits for the write at most
+`write_wait` seconds; a replica that misses a handle in its own cache loads it from here — decoded and
 validated under the server's limits like any client graph (the store is not trusted
 more than a client) — and plans it, instead of answering NOT_FOUND. Redis bounds the
 store (entries expire after a TTL; eviction follows Redis's `maxmemory-policy`);
@@ -82,12 +83,18 @@ class RedisStore:
         self.on_event("hit")
         return stored
 
-    def put(self, handle: str, make: Callable[[], service_pb2.DifferentiateRequest]) -> None:
-        """Write `make()` in the background (the caller waits neither for the encoding nor
-        for Redis); a value over max_bytes is not stored."""
+    def put(self, handle: str, make: Callable[[], service_pb2.DifferentiateRequest],
+            wait: float = 2.0) -> None:
+        """Write `make()` (a value over max_bytes is not stored), waiting for it at most
+        `wait` seconds; the write finishes in the background if it takes longer."""
         if not self._available():
             return
-        self._writer.submit(self._write, handle, make)
+        done = self._writer.submit(self._write, handle, make)
+        try:
+            done.result(timeout=wait)
+        except TimeoutError:
+            log.warning("store write of %s... still running after %.1fs; answering now",
+                        handle[:16], wait)
 
     def _write(self, handle: str, make) -> None:
         try:
