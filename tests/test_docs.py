@@ -58,3 +58,21 @@ def test_readme_server_example_runs_against_a_real_server(capsys):
     with running_server() as (_, target):
         exec(compile(block.replace("127.0.0.1:50051", target), "README.md", "exec"), {})
     assert capsys.readouterr().out.strip() == "(array(23.), {'x': array(10.), 'y': array(3.)})"
+
+
+def test_readme_gradient_request_json_works_against_a_server():
+    from google.protobuf import json_format
+    from service_fixtures import channel, running_server, stub
+
+    from adsvc_protocol.proto import service_pb2
+    from adsvc_protocol.tensors import from_tensor
+
+    text = (ROOT / "README.md").read_text()
+    start = text.index("```json", text.index("<!-- gradient request json -->")) + 7
+    request = json_format.Parse(text[start:text.index("```", start)],
+                                service_pb2.GradientRequest())
+    with running_server() as (_, target), channel(target) as ch:
+        resp = stub(ch).Gradient(request, timeout=30)
+    assert float(from_tensor(resp.value)) == 23.0
+    assert {k: float(from_tensor(v)) for k, v in resp.gradients.items()} == {"x": 10.0,
+                                                                              "y": 3.0}
