@@ -7,6 +7,7 @@ import time
 from adsvc.ir.codec import graph_from_proto
 from adsvc.ir.graph import Graph
 from adsvc.passes.pipeline import compile_graph, signature
+from adsvc.passes.sparsity import sparsity
 from adsvc.runtime.cost import memory_fraction
 from adsvc.runtime.plan import Plan
 from adsvc_protocol.client import ClientBase, Compiled
@@ -43,6 +44,11 @@ def deadline_check(timeout: float | None):
     return check
 
 
+# bytes a sparsity pattern entry may take while it is computed (index, value, products):
+# max_eval_bytes bounds the pattern entries too
+PATTERN_ENTRY_BYTES = 16
+
+
 class LocalClient(ClientBase):
     """Compiles and evaluates in this process; compiled plans are cached (LRU, bounded
     by entries and by compiled nodes). An evaluation whose planned peak of live values
@@ -75,6 +81,17 @@ class LocalClient(ClientBase):
                 f"peak; the budget is {self.max_eval_bytes / 2**20:.1f} MiB (max_eval_bytes "
                 "of adsvc.local())", field="graph")
         return plan.run(feeds, interrupt=deadline_check(timeout))
+
+    def _sparsity(self, g, kind, wrt, timeout):
+        """The pattern and colorings, computed once and kept with the plain compiled graph."""
+        compiled = self._compile(g, (), None, False, timeout)
+        key = (kind, wrt)
+        hit = compiled.sparsity.get(key)
+        if hit is None:
+            limit = self.max_eval_bytes // PATTERN_ENTRY_BYTES if self.max_eval_bytes else None
+            hit = sparsity(compiled.graph, kind, wrt, deadline_check(timeout), limit)
+            compiled.sparsity[key] = hit
+        return hit
 
     def close(self) -> None:
         """Drop the cached plans (the client stays usable)."""

@@ -2,11 +2,12 @@
 
 An `OpDef` holds everything adsvc knows about an op: arity, attributes, the
 shape/dtype rule, the numpy kernel, the JVP and VJP rules, and what kind of derivative
-it has (`derivative`: a rule, identically zero, or none). Rules are written with the
-graph builder (they emit nodes) and return None for a symbolic zero derivative. The
-declarations live in `adsvc.ops` (one module per family) and register themselves
-here; the builder, the decoder, the passes, the plan, the op docs and GetServerInfo
-all read this one table.
+it has (`derivative`: a rule, identically zero, or none), and which operand elements
+each output element depends on (`sparsity`, read by the sparsity pass). Rules are
+written with the graph builder (they emit nodes) and return None for a symbolic zero
+derivative. The declarations live in `adsvc.ops` (one module per family) and register
+themselves here; the builder, the decoder, the passes, the plan, the op docs and
+GetServerInfo all read this one table.
 """
 
 from __future__ import annotations
@@ -54,6 +55,9 @@ class OpDef:
     # What evaluating it costs (the plan's memory budget and deadline checks read these):
     view: bool = False  # the kernel returns a view of operand 0 (no new memory)
     flops: Callable | None = None  # node -> arithmetic operations; None: one per element
+    # Which operand elements each output element depends on: a rule of adsvc.ops.patterns
+    # (node -> one boolean pattern per operand); None: the conservative "dense" fallback.
+    sparsity: Callable | None = None
 
     def __post_init__(self):
         if self.derivative not in DERIVATIVES:

@@ -18,6 +18,7 @@ import numpy as np
 
 from adsvc.ir.opdef import NONE, ZERO, OpDef, register
 from adsvc.ops import api as A
+from adsvc.ops import patterns
 from adsvc.ops.rules import binary, float_unary, numeric_unary
 from adsvc_protocol import dtypes
 
@@ -53,14 +54,16 @@ def _unary(name, kernel, d, *, numeric=False):
         return [A.mul_or_zero(ct, d(node.inputs[0], node))]
 
     infer = numeric_unary(name) if numeric else float_unary(name)
-    register(OpDef(name, 1, infer, lambda attrs: kernel, jvp, vjp, doc=UNARY_DOCS[name]))
+    register(OpDef(name, 1, infer, lambda attrs: kernel, jvp, vjp, doc=UNARY_DOCS[name],
+                   sparsity=patterns.elementwise))
 
 
 # neg, abs and sign also accept integers (not differentiated there: activity analysis
 # never reaches integer values).
 register(OpDef("neg", 1, numeric_unary("neg"), lambda a: np.negative,
                lambda n, ts: None if ts[0] is None else A.neg(ts[0]),
-               lambda n, ct: [A.neg(ct)], doc="-x; derivative -1"))
+               lambda n, ct: [A.neg(ct)], doc="-x; derivative -1",
+               sparsity=patterns.elementwise))
 _unary("exp", np.exp, lambda x, y: y)
 _unary("log", np.log, lambda x, y: A.reciprocal(x))
 _unary("log1p", np.log1p, lambda x, y: A.reciprocal(A.add(x, 1.0)))
@@ -101,10 +104,11 @@ def _ub(ct, x):
 
 
 register(OpDef("add", 2, binary("add", NUMERIC), lambda a: np.add, _lin_jvp(_add_jvp),
-               lambda n, ct: [_ub(ct, n.inputs[0]), _ub(ct, n.inputs[1])], doc="a + b"))
+               lambda n, ct: [_ub(ct, n.inputs[0]), _ub(ct, n.inputs[1])], doc="a + b",
+               sparsity=patterns.elementwise))
 register(OpDef("sub", 2, binary("sub", NUMERIC), lambda a: np.subtract, _lin_jvp(_sub_jvp),
                lambda n, ct: [_ub(ct, n.inputs[0]), _ub(A.neg(ct), n.inputs[1])],
-               doc="a - b"))
+               doc="a - b", sparsity=patterns.elementwise))
 
 
 def _partials_jvp(partials):
@@ -130,7 +134,7 @@ def _partials_vjp(partials):
 def _binary_op(name, kernel, partials, doc="", numeric=False):
     register(OpDef(name, 2, binary(name, NUMERIC if numeric else dtypes.FLOATS),
                    lambda a: kernel, _partials_jvp(partials), _partials_vjp(partials),
-                   doc=doc))
+                   doc=doc, sparsity=patterns.elementwise))
 
 
 _binary_op("mul", np.multiply, lambda n, a, b: (b, a), doc="a * b", numeric=True)
@@ -180,7 +184,7 @@ register(OpDef(
     "mul_or_zero", 2, binary("mul_or_zero", dtypes.FLOATS), lambda a: _mul_or_zero,
     _partials_jvp(lambda n, a, b: (b, a)), _partials_vjp(lambda n, a, b: (b, a)),
     doc="a * b, but exactly 0 where either factor is 0 (0 * inf = 0): the chain-rule "
-        "product"))
+        "product", sparsity=patterns.elementwise))
 
 
 # -- comparisons and where ---------------------------------------------------------------
@@ -227,4 +231,4 @@ def _where_vjp(node, ct):
 
 register(OpDef("where", 3, _where_infer, lambda a: np.where, _where_jvp, _where_vjp,
                doc="where(cond, a, b): a where cond else b; no gradient flows to the "
-                   "untaken side"))
+                   "untaken side", sparsity=patterns.elementwise))

@@ -6,6 +6,7 @@ import numpy as np
 
 from adsvc.ir.opdef import NONE, ZERO, Attr, OpDef, register
 from adsvc.ops import api as A
+from adsvc.ops import patterns
 from adsvc_protocol import dtypes
 
 
@@ -42,4 +43,5 @@ register(OpDef(
     "cast", 1, lambda ins, a: (a["dtype"], ins[0].shape),
     lambda a: _cast_kernel(dtypes.to_numpy(a["dtype"])),
     _cast_jvp, _cast_vjp, {"dtype": Attr("dtype", doc="target dtype")},
-    doc="convert dtype; derivative passes between float types only"))
+    doc="convert dtype; derivative passes between float types only",
+    sparsity=patterns.elementwise))

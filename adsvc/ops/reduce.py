@@ -10,6 +10,7 @@ import numpy as np
 
 from adsvc.ir.opdef import Attr, OpDef, register
 from adsvc.ops import api as A
+from adsvc.ops import patterns
 from adsvc.ops.rules import norm_axes, reduced_shape, same_dtype
 from adsvc_protocol import dtypes
 
@@ -135,12 +136,17 @@ NUMERIC = dtypes.FLOATS | dtypes.INTS
 register(OpDef("sum", 1, _infer("sum", NUMERIC),
                _kernel(lambda x, axis, keepdims: np.sum(x, axis=axis, keepdims=keepdims,
                                                         dtype=x.dtype)), _sum_jvp, _sum_vjp,
-               dict(ATTRS), doc="sum over axes"))
+               dict(ATTRS), doc="sum over axes",
+               sparsity=patterns.reduction))
 register(OpDef("mean", 1, _infer("mean", dtypes.FLOATS), _kernel(np.mean), _mean_jvp,
-               _mean_vjp, dict(ATTRS), doc="mean over axes"))
+               _mean_vjp, dict(ATTRS), doc="mean over axes",
+               sparsity=patterns.reduction))
 register(OpDef("max", 1, _infer("max", NUMERIC), _kernel(np.max), _ext_jvp, _ext_vjp,
-               dict(ATTRS), doc="max over axes; ties share the derivative evenly"))
+               dict(ATTRS), doc="max over axes; ties share the derivative evenly",
+               sparsity=patterns.reduction))
 register(OpDef("min", 1, _infer("min", NUMERIC), _kernel(np.min), _ext_jvp, _ext_vjp,
-               dict(ATTRS), doc="min over axes; ties share the derivative evenly"))
+               dict(ATTRS), doc="min over axes; ties share the derivative evenly",
+               sparsity=patterns.reduction))
 register(OpDef("logsumexp", 1, _infer("logsumexp", dtypes.FLOATS), _kernel(_logsumexp),
-               _lse_jvp, _lse_vjp, dict(ATTRS), doc="log(sum(exp(x))) over axes, stable"))
+               _lse_jvp, _lse_vjp, dict(ATTRS), doc="log(sum(exp(x))) over axes, stable",
+               sparsity=patterns.reduction))

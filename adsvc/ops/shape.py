@@ -10,6 +10,7 @@ import numpy as np
 
 from adsvc.ir.opdef import Attr, OpDef, register
 from adsvc.ops import api as A
+from adsvc.ops import patterns
 from adsvc.ops.rules import broadcast_shapes, norm_axis, same_dtype
 from adsvc_protocol import dtypes
 from adsvc_protocol.errors import AttributeError_, DTypeError, ShapeError
@@ -46,7 +47,8 @@ register(OpDef(
     _linear(lambda n, t: A.reshape(t, n.shape)),
     lambda n, ct: [A.reshape(ct, n.inputs[0].shape)],
     {"shape": Attr("ints", doc="target shape; one entry may be -1")},
-    doc="row-major reshape"))  # a view when numpy can, a copy otherwise: counted as a copy
+    doc="row-major reshape",  # a view when numpy can, a copy otherwise: counted as a copy
+    sparsity=patterns.index_map))
 
 
 # -- transpose -------------------------------------------------------------------------
@@ -65,7 +67,7 @@ register(OpDef(
     _linear(lambda n, t: A.transpose(t, n.attr("perm"))),
     lambda n, ct: [A.transpose(ct, np.argsort(n.attr("perm")).tolist())],
     {"perm": Attr("ints", doc="output axis i is input axis perm[i]")},
-    doc="permute axes", view=True))
+    doc="permute axes", view=True, sparsity=patterns.index_map))
 
 
 # -- broadcast_to ------------------------------------------------------------------------
@@ -83,7 +85,7 @@ register(OpDef(
     _linear(lambda n, t: A.broadcast_to(t, n.shape)),
     lambda n, ct: [A.unbroadcast(ct, n.inputs[0].shape)],
     {"shape": Attr("ints", doc="target shape (numpy broadcasting)")},
-    doc="broadcast to a shape", view=True))
+    doc="broadcast to a shape", view=True, sparsity=patterns.index_map))
 
 
 # -- concat ----------------------------------------------------------------------------
@@ -127,7 +129,7 @@ register(OpDef(
     "concat", None, _concat_infer,
     lambda a: (lambda *xs, ax=a["axis"]: np.concatenate(xs, axis=ax)),
     _concat_jvp, _concat_vjp, {"axis": Attr("int", 0)},
-    doc="join operands along an axis"))
+    doc="join operands along an axis", sparsity=patterns.index_map))
 
 
 # -- slice and pad -----------------------------------------------------------------------
@@ -186,7 +188,8 @@ register(OpDef(
     {"starts": Attr("ints", doc="first index per axis"),
      "stops": Attr("ints", doc="end index (exclusive) per axis"),
      "steps": Attr("ints", None, doc="stride per axis (>= 1); absent = 1")},
-    doc="strided slice x[start:stop:step] on every axis", view=True))
+    doc="strided slice x[start:stop:step] on every axis", view=True,
+    sparsity=patterns.index_map))
 
 
 def _pad_params(x, attrs):
@@ -233,7 +236,7 @@ register(OpDef(
     {"low": Attr("ints", doc="zeros before each axis"),
      "high": Attr("ints", doc="zeros after each axis"),
      "interior": Attr("ints", None, doc="zeros between elements per axis; absent = 0")},
-    doc="zero padding (the transpose of slice)"))
+    doc="zero padding (the transpose of slice)", sparsity=patterns.index_map))
 
 
 # -- take and scatter_add ----------------------------------------------------------------
@@ -267,7 +270,8 @@ register(OpDef(
     "take", 2, _take_infer, _take_kernel,
     _linear(lambda n, t: A.take(t, n.inputs[1], n.attr("axis"))), _take_vjp,
     {"axis": Attr("int", 0)},
-    doc="gather x[..., indices, ...] along axis (indices in [-n, n))"))
+    doc="gather x[..., indices, ...] along axis (indices in [-n, n))",
+    sparsity=patterns.gather))
 
 
 def _scatter_infer(ins, attrs):
@@ -303,7 +307,8 @@ register(OpDef(
     _linear(lambda n, t: A.scatter_add(t, n.inputs[1], n.attr("axis"), n.attr("size"))),
     lambda n, ct: [A.take(ct, n.inputs[1], n.attr("axis")), None],
     {"axis": Attr("int"), "size": Attr("int", doc="length of the result along axis")},
-    doc="zeros of the result shape with updates added at indices along axis (take's VJP)"))
+    doc="zeros of the result shape with updates added at indices along axis (take's VJP)",
+    sparsity=patterns.scatter))
 
 
 # -- matmul ----------------------------------------------------------------------------
@@ -349,4 +354,4 @@ def _matmul_flops(node) -> int:
 
 register(OpDef("matmul", 2, _matmul_infer, lambda a: np.matmul, _matmul_jvp, _matmul_vjp,
                doc="matrix product with numpy semantics (batch broadcasting, 1-D operands)",
-               flops=_matmul_flops))
+               flops=_matmul_flops, sparsity=patterns.matmul))

@@ -4,14 +4,16 @@ Every recipe takes a `Backend` — anything that can compile a graph for a list 
 and run the result — so the in-process client, the SDK and the server's Gradient RPC
 compute the same answer with the same code. The names the passes add (``tangent:x``,
 ``grad:x`` ...) are read with `adsvc_protocol.names`; dense Jacobians and Hessians are
-one sweep per element of the seeded inputs (`basis`).
+one sweep per element of the seeded inputs (`basis`); sparse ones are one sweep per
+color of the backend's `Sparsity` (pattern and colorings), recovered by
+`adsvc_protocol.sparse`.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import numpy as np
@@ -20,6 +22,7 @@ from adsvc_protocol import dtypes, names
 from adsvc_protocol.errors import InvalidRequestError
 from adsvc_protocol.feeds import TypeSig
 from adsvc_protocol.modes import FORWARD, REVERSE, single_mode
+from adsvc_protocol.sparse import DIAGONAL, HESSIAN, JACOBIAN, STAR, Sparsity, offsets
 
 Feeds = Mapping[str, Any]
 
@@ -32,6 +35,8 @@ class Compiled:
     inputs: dict[str, TypeSig]
     outputs: dict[str, TypeSig]
     graph: Any = None  # the differentiated graph, in the backend's representation
+    # {(kind, wrt): Sparsity} computed for this (undifferentiated) graph, kept with it
+    sparsity: dict = field(default_factory=dict)
 
 
 class Backend(Protocol):
@@ -51,6 +56,11 @@ class Backend(Protocol):
     def run_many(self, compiled: Compiled,
                  feeds: Sequence[Feeds]) -> list[dict[str, np.ndarray]]:
         """One {output name: value} per set of feeds, in order."""
+        ...
+
+    def sparsity(self, graph, kind: str, wrt: tuple[str, ...] | None) -> Sparsity:
+        """The structural pattern of the Jacobian ("jacobian") or Hessian ("hessian") of
+        `graph` with respect to `wrt` (None: every float input), with its colorings."""
         ...
 
 
@@ -211,3 +221,86 @@ def split(out: Mapping[str, Any], c: Compiled, kind: str):
     out = ordered(out, c.outputs)
     primal = {k: v for k, v in out.items() if names.is_primal(k)}
     return primal, {base: out[names.derived(kind, base)] for base in names.bases(out, kind)}
+
+
+# -- sparse derivatives ---------------------------------------------------------------
+def sparsity(b: Backend, g, wrt, kind: str = JACOBIAN) -> Sparsity:
+    """The pattern (no values) and colorings of the Jacobian or Hessian of `g`."""
+    return b.sparsity(g, kind, wrt_tuple(wrt))
+
+
+def _split(vector: np.ndarray, sigs: Mapping[str, TypeSig], name) -> dict[str, np.ndarray]:
+    """A flat vector over the blocks `sigs` as feeds {name(block): array of its type}."""
+    return {name(k): vector[a:b].reshape(sigs[k][1]).astype(dtypes.to_numpy(sigs[k][0]))
+            for k, (a, b) in offsets(sigs).items()}
+
+
+def _joined(out: Mapping[str, np.ndarray], blocks, name) -> np.ndarray:
+    """The outputs {name(block)} flattened and concatenated in the order of `blocks`."""
+    parts = [np.ravel(out[name(k)]) for k in blocks]
+    return np.concatenate(parts) if parts else np.zeros(0)
+
+
+def _compressed(b: Backend, c: Compiled, feeds: Feeds, seeds: np.ndarray, sigs, seed_name,
+                blocks, out_name) -> np.ndarray:
+    """(length of `blocks` × colors): one sweep per seed row, its outputs as a column."""
+    runs = [{**feeds, **_split(row, sigs, seed_name)} for row in seeds]
+    outs = b.run_many(c, runs) if runs else []
+    if not outs:
+        return np.zeros((sum(size(sig) for sig in blocks.values()), 0))
+    return np.stack([_joined(o, blocks, out_name) for o in outs], axis=1)
+
+
+def sparse_jacobian_matrix(b: Backend, g, wrt, mode: str | None,
+                           feeds: Feeds) -> tuple[Sparsity, Any]:
+    """(sparsity, the Jacobian as one CSR matrix: the float outputs' elements × the wrt
+    inputs' elements): one JVP per column color (forward) or one VJP per row color
+    (reverse); `mode` None: the one with fewer colors."""
+    s = b.sparsity(g, JACOBIAN, wrt_tuple(wrt))
+    mode = s.mode if mode is None else single_mode(mode)
+    c = b.compile(g, (mode,), wrt_tuple(wrt), False)
+    if mode == FORWARD:
+        comp = _compressed(b, c, feeds, s.seeds(FORWARD), s.cols, names.tangent, s.rows,
+                           names.tangent)
+    else:
+        comp = _compressed(b, c, feeds, s.seeds(REVERSE), s.rows, names.cotangent, s.cols,
+                           names.grad).T
+    return s, s.recover(mode, comp)
+
+
+def sparse_jacobian(b: Backend, g, wrt, mode: str | None, feeds: Feeds):
+    """{output: {input: CSR matrix (output.size × input.size)}} of the float outputs."""
+    s, m = sparse_jacobian_matrix(b, g, wrt, mode, feeds)
+    return s.blocks(m)
+
+
+def _hvps(b: Backend, g, wrt, feeds: Feeds, coloring: str) -> tuple[Sparsity, np.ndarray]:
+    """(Hessian sparsity, H·S): one Hessian-vector product per color of `coloring`."""
+    s = b.sparsity(g, HESSIAN, wrt_tuple(wrt))
+    c = b.compile(g, (REVERSE, FORWARD), wrt_tuple(wrt), True)
+    comp = _compressed(b, c, feeds, s.seeds(coloring), s.cols, lambda x: names.tangent(x, 2),
+                       s.cols, lambda x: names.tangent(names.grad(x), 2))
+    return s, comp
+
+
+def sparse_hessian_matrix(b: Backend, g, wrt, feeds: Feeds) -> tuple[Sparsity, Any]:
+    """(sparsity, the Hessian as one CSR matrix over the wrt inputs' elements): one
+    Hessian-vector product per color of the star coloring."""
+    s, comp = _hvps(b, g, wrt, feeds, STAR)
+    return s, s.recover(STAR, comp)
+
+
+def sparse_hessian(b: Backend, g, wrt, feeds: Feeds):
+    """{x_i: {x_j: CSR matrix (x_i.size × x_j.size)}} of the one scalar float output."""
+    s, m = sparse_hessian_matrix(b, g, wrt, feeds)
+    return s.blocks(m)
+
+
+def hessian_diag(b: Backend, g, wrt, feeds: Feeds) -> dict[str, np.ndarray]:
+    """{x: the diagonal of d2f/dx2, of x's shape}: exact for any Hessian, one
+    Hessian-vector product per color of a distance-1 coloring of its pattern (a dense
+    Hessian needs one per element)."""
+    s, comp = _hvps(b, g, wrt, feeds, DIAGONAL)
+    d = s.diagonal(comp)
+    return {x: d[a:e].reshape(s.cols[x][1]).astype(dtypes.to_numpy(s.cols[x][0]))
+            for x, (a, e) in offsets(s.cols).items()}
