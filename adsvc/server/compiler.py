@@ -16,6 +16,7 @@ from adsvc.ir.codec import graph_from_proto, graph_to_proto
 from adsvc.ir.graph import Graph
 from adsvc.ir.node import nodes_created
 from adsvc.passes.pipeline import compile_graph, estimate_nodes, signature
+from adsvc.passes.sparsity import sparsity
 from adsvc.runtime.cost import nbytes
 from adsvc.runtime.plan import Plan
 from adsvc.server.config import ServerConfig
@@ -33,6 +34,7 @@ from adsvc_protocol.lru import LRUCache
 from adsvc_protocol.modes import TO_ENUM, mode_from_enum, normalize_modes
 from adsvc_protocol.proto import ir_pb2, service_pb2
 from adsvc_protocol.recipes import Compiled
+from adsvc_protocol.sparse import HESSIAN, Sparsity
 from adsvc_protocol.tensors import from_tensor, to_tensor
 
 log = logging.getLogger("adsvc.server")
@@ -64,6 +66,8 @@ class Entry:
     inputs: dict = field(default_factory=dict)  # name -> (dtype, shape)
     outputs: dict = field(default_factory=dict)
     _proto: ir_pb2.Graph | None = None
+    # {(kind, wrt): Sparsity} of this graph (an entry compiled without differentiation)
+    sparsity: dict = field(default_factory=dict)
 
     @property
     def nodes_after(self) -> int:
@@ -83,12 +87,20 @@ class Entry:
         nodes = self.graph.nodes
         extra = sum(nbytes(n) if n.op == "constant" else len(n.label) + len(n.name or "")
                     for n in nodes)
+        extra += sum(sparsity_bytes(s) for s in self.sparsity.values())
         return len(nodes) * NODE_BYTES + extra, len(nodes)
 
     def output_bytes(self) -> int:
         """A lower bound of the encoded size of all outputs: their raw data alone."""
         return sum(math.prod(int(d) for d in shape) * np.dtype(to_numpy(dt)).itemsize
                    for dt, shape in self.outputs.values())
+
+
+def sparsity_bytes(s: Sparsity) -> int:
+    """What a cached pattern holds: its CSR arrays, colorings and recovery indices."""
+    p = s.pattern
+    return (p.data.nbytes + p.indices.nbytes + p.indptr.nbytes + 8 * len(s.colorings) * p.nnz
+            + sum(c.nbytes for c in s.colorings.values()))
 
 
 def spec_from_proto(d: service_pb2.Differentiation, config: ServerConfig,
@@ -228,6 +240,24 @@ class Compiler:
                 graph=entry.proto(), differentiation=spec_to_proto(spec)))
         return entry, False
 
+    def sparsity(self, proto: ir_pb2.Graph, kind: str, wrt: tuple[str, ...] | None,
+                 check: Callable[[], None] | None = None) -> tuple[Entry, Sparsity]:
+        """(entry, sparsity): the graph compiled without differentiation (or found) and
+        the pattern and colorings of its Jacobian or Hessian, computed once and kept with
+        the entry (the cache re-weighs it). A pattern is bounded by max_tensor_elements
+        entries; the gradient graph of a Hessian pattern by max_compiled_nodes."""
+        entry, _ = self.compile(proto, Spec(), check)
+        key = (kind, wrt)
+        found = entry.sparsity.get(key)
+        if found is None:
+            if kind == HESSIAN:
+                check = self._growth_check(entry.graph, Spec(("reverse",), wrt, True), check)
+            found = sparsity(entry.graph, kind, wrt, check,
+                             self.config.limit(self.config.max_tensor_elements))
+            entry.sparsity[key] = found
+            self.cache.put(entry.handle, entry, weight=entry.weight)
+        return entry, found
+
     def _growth_check(self, graph: Graph, spec: Spec, check):
         """Refuse a compile whose estimated size is over max_compiled_nodes before it
         starts, and stop one as soon as it has grown past the limit (`check` runs every
@@ -321,6 +351,16 @@ class Backend:
                  check: Callable[[], None] | None):
         self.compiler, self.interrupt, self.check = compiler, interrupt, check
         self.entry: Entry | None = None
+        self.last_sparsity: Sparsity | None = None
+
+    def sparsity(self, source, kind, wrt) -> Sparsity:
+        """The pattern and colorings of a graph proto's Jacobian or Hessian (cached with
+        its plain compiled entry); a handle cannot be used (it names a compiled graph)."""
+        if isinstance(source, Entry):
+            raise InvalidRequestError("sparse derivatives need the graph, not a handle",
+                                      field="handle")
+        self.last_sparsity = self.compiler.sparsity(source, kind, wrt, self.check)[1]
+        return self.last_sparsity
 
     def compile(self, source, modes, wrt, seed) -> Compiled:
         """The Compiled for a graph proto (compiled or found in the cache for this spec) or

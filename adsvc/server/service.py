@@ -30,7 +30,7 @@ from adsvc.server.config import ServerConfig
 from adsvc.server.info import server_info
 from adsvc.server.metrics import Metrics
 from adsvc.server.watchdog import Watchdog
-from adsvc_protocol import recipes
+from adsvc_protocol import recipes, sparse
 from adsvc_protocol.errors import (
     AdsvcError,
     CancelledError,
@@ -45,6 +45,7 @@ from adsvc_protocol.tensors import TO_ENUM, to_tensor
 
 log = logging.getLogger("adsvc.server")
 REQUEST_ID = "x-request-id"
+DEADLINE_SKEW = 0.25  # s: a cancel this close to the deadline is the client's deadline
 
 
 class _Status(namedtuple("_Status", ("code", "details", "trailing_metadata")), grpc.Status):
@@ -111,6 +112,9 @@ class Call:
             raise DeadlineExceededError("the deadline expired; the work was stopped")
         if not self.context.is_active():
             self.interrupted = True
+            if remaining is not None and remaining < DEADLINE_SKEW:
+                # the client gave up at its own deadline, a moment before ours
+                raise DeadlineExceededError("the deadline expired; the work was stopped")
             raise CancelledError("the call was cancelled; the work was stopped")
 
 
@@ -408,6 +412,53 @@ class AutodiffServicer(service_pb2_grpc.AutodiffServiceServicer):
         call.field_prefix = ""
 
     @_call
+    def Sparsity(self, request, call):
+        """RPC: the pattern (COO, no values) and colorings of a Jacobian or Hessian."""
+        if not request.HasField("graph"):
+            raise InvalidRequestError("graph is required", field="graph")
+        kind = sparse.kind_from_enum(request.kind)
+        _, s = self.compiler.sparsity(request.graph, kind, tuple(request.wrt) or None,
+                                      call.stop_if_done)
+        call.detail = f" kind={kind} nnz={s.nnz} colors={_colors(s)}"
+        resp = sparse.to_proto(s)
+        self._limit_response(resp)
+        return resp
+
+    @_call
+    def SparseDerivative(self, request, call):
+        """RPC: a sparse Jacobian or Hessian (COO) or the exact Hessian diagonal."""
+        if not request.HasField("graph"):
+            raise InvalidRequestError("graph is required", field="graph")
+        kind = sparse.kind_from_enum(request.kind)
+        if request.diagonal_only and kind != sparse.HESSIAN:
+            raise InvalidRequestError("diagonal_only is for Hessians", field="diagonal_only")
+        if request.mode and kind != sparse.JACOBIAN:
+            raise InvalidRequestError("mode is for Jacobians", field="mode")
+        feeds = decode_feeds(request.inputs, self.config)
+        backend = Backend(self.compiler, call.interrupt, call.stop_if_done)
+        wrt = tuple(request.wrt) or None
+        resp = service_pb2.SparseDerivativeResponse()
+        if request.diagonal_only:
+            diag = recipes.hessian_diag(backend, request.graph, wrt, feeds)
+            for x, d in diag.items():
+                resp.diagonal[x].CopyFrom(to_tensor(d, backend.last_sparsity.cols[x][0]))
+            coloring = sparse.DIAGONAL
+        else:
+            mode = mode_from_enum(request.mode, "mode") if request.mode else None
+            s, m = (recipes.sparse_jacobian_matrix(backend, request.graph, wrt, mode, feeds)
+                    if kind == sparse.JACOBIAN else
+                    recipes.sparse_hessian_matrix(backend, request.graph, wrt, feeds))
+            resp.matrix.CopyFrom(sparse.matrix_to_proto(m))
+            coloring = mode or s.mode
+        s = backend.last_sparsity
+        resp.rows.extend(sparse.named_types(s.rows))
+        resp.cols.extend(sparse.named_types(s.cols))
+        resp.coloring, resp.colors = coloring, s.colors()[coloring]
+        call.detail = f" kind={kind} coloring={coloring} colors={resp.colors} nnz={s.nnz}"
+        self._limit_response(resp)
+        return resp
+
+    @_call
     def GetServerInfo(self, request, call):
         """RPC: versions, op table, limits and counters of this server process."""
         with self._lock:
@@ -425,6 +476,11 @@ def _reason(e: AdsvcError) -> str:
     if not e.field:
         return "busy" if "busy" in e.description else "limit"
     return e.field.split(".")[0].split("[")[0]
+
+
+def _colors(s) -> str:
+    """The colorings' sizes for the log line: `forward:5,reverse:5`."""
+    return ",".join(f"{k}:{v}" for k, v in s.colors().items())
 
 
 def _cost(entry) -> str:

@@ -33,6 +33,7 @@ from google.protobuf import descriptor_pb2
 from adsvc_client.status import error_from_rpc
 from adsvc_client.tls import TLS, channel_security
 from adsvc_protocol import errors as E
+from adsvc_protocol import sparse
 from adsvc_protocol.client import ClientBase, Compiled
 from adsvc_protocol.feeds import check_feeds
 from adsvc_protocol.graphs import PROTOS, GraphCodec
@@ -242,6 +243,20 @@ class RemoteClient(ClientBase):
                             _signature(resp.inputs), _signature(resp.outputs))
         self.cache.put(key, compiled)
         return compiled
+
+    def _sparsity(self, g, kind, wrt, timeout) -> sparse.Sparsity:
+        """The pattern and colorings from the Sparsity RPC, kept in the client's cache (the
+        sweeps then run over EvaluateStream like every other derivative)."""
+        key = ("sparsity", self.graphs.key(g), kind, None if wrt is None else tuple(wrt))
+        hit = self.cache.get(key)
+        if hit is not None:
+            return hit
+        resp = self._call("Sparsity", service_pb2.SparsityRequest(
+            graph=self.graphs.encode(g), kind=sparse.KIND_TO_ENUM[kind], wrt=list(wrt or ())),
+            timeout)
+        found = sparse.from_proto(resp)
+        self.cache.put(key, found)
+        return found
 
     def _graph(self, compiled, timeout):
         """The differentiated graph, fetched from the server once (Differentiate with the

@@ -31,7 +31,12 @@ from functools import cached_property
 import numpy as np
 import scipy.sparse as sp
 
+from adsvc_protocol import dtypes
+from adsvc_protocol.errors import AdsvcError, InvalidRequestError
 from adsvc_protocol.feeds import TypeSig
+from adsvc_protocol.proto import ir_pb2, service_pb2
+from adsvc_protocol.tensors import TO_ENUM as DTYPE_TO_ENUM
+from adsvc_protocol.tensors import dtype_from_enum, from_tensor, to_tensor
 
 JACOBIAN, HESSIAN = "jacobian", "hessian"
 FORWARD, REVERSE, STAR, DIAGONAL = "forward", "reverse", "star", "diagonal"
@@ -156,3 +161,98 @@ class Sparsity:
         seeded = np.flatnonzero(c >= 0)
         out[seeded] = b[seeded, c[seeded]]
         return out
+
+
+# -- the wire form (service.proto: SparseMatrix, Coloring, SparsityResponse) -----------
+KIND_TO_ENUM = {JACOBIAN: service_pb2.SPARSITY_KIND_JACOBIAN,
+                HESSIAN: service_pb2.SPARSITY_KIND_HESSIAN}
+KIND_FROM_ENUM = {v: k for k, v in KIND_TO_ENUM.items()}
+
+
+def kind_from_enum(value: int, field: str = "kind") -> str:
+    """"jacobian" or "hessian" for a SparsityKind; InvalidRequestError otherwise."""
+    try:
+        return KIND_FROM_ENUM[value]
+    except KeyError:
+        raise InvalidRequestError(f"kind must be SPARSITY_KIND_JACOBIAN or "
+                                  f"SPARSITY_KIND_HESSIAN, got {value}", field=field) from None
+
+
+def matrix_to_proto(m: sp.spmatrix, values: bool = True) -> service_pb2.SparseMatrix:
+    """A sparse matrix as COO indices (sorted by row, then column) and values."""
+    csr = sp.csr_matrix(m)
+    csr.sort_indices()
+    rows = np.repeat(np.arange(csr.shape[0], dtype=np.int64), np.diff(csr.indptr))
+    idx = np.stack([rows, csr.indices.astype(np.int64)], axis=1)
+    out = service_pb2.SparseMatrix(rows=csr.shape[0], cols=csr.shape[1],
+                                   indices=to_tensor(idx, dtypes.INT64))
+    if values:
+        out.values.CopyFrom(to_tensor(csr.data))
+    return out
+
+
+def matrix_from_proto(msg: service_pb2.SparseMatrix, where: str = "matrix",
+                      error=AdsvcError) -> sp.csr_matrix:
+    """The CSR matrix of a SparseMatrix (boolean when it has no values); `error` (at
+    `where`) when it is inconsistent."""
+    shape = (int(msg.rows), int(msg.cols))
+    idx = from_tensor(msg.indices, f"{where}.indices", error)
+    if idx.size == 0:
+        idx = idx.reshape(0, 2)
+    if idx.ndim != 2 or idx.shape[1] != 2 or idx.dtype.kind != "i":
+        raise error("indices must be an integer tensor of dims [nnz, 2]", field=where)
+    if idx.size and (idx.min() < 0 or idx[:, 0].max() >= shape[0]
+                     or idx[:, 1].max() >= shape[1]):
+        raise error(f"an index is outside the {shape[0]}x{shape[1]} matrix", field=where)
+    if msg.HasField("values"):
+        data = from_tensor(msg.values, f"{where}.values", error).reshape(-1)
+        if data.size != idx.shape[0]:
+            raise error(f"{data.size} values for {idx.shape[0]} indices", field=where)
+    else:
+        data = np.ones(idx.shape[0], dtype=bool)
+    m = sp.csr_matrix((data, (idx[:, 0], idx[:, 1])), shape=shape)
+    m.sort_indices()
+    return m
+
+
+def named_types(sigs: dict[str, TypeSig]) -> list[service_pb2.NamedType]:
+    """{name: (dtype, shape)} as NamedType messages, in order."""
+    return [service_pb2.NamedType(name=k, type=ir_pb2.TensorType(
+        dtype=DTYPE_TO_ENUM[dt], dims=list(shape))) for k, (dt, shape) in sigs.items()]
+
+
+def sigs_from(named, error=AdsvcError) -> dict[str, TypeSig]:
+    """NamedType messages as {name: (dtype, shape)}."""
+    return {t.name: (dtype_from_enum(t.type.dtype, t.name, error),
+                     tuple(int(d) for d in t.type.dims)) for t in named}
+
+
+def to_proto(s: Sparsity) -> service_pb2.SparsityResponse:
+    """The SparsityResponse of a Sparsity (the pattern without values)."""
+    return service_pb2.SparsityResponse(
+        kind=KIND_TO_ENUM[s.kind], rows=named_types(s.rows), cols=named_types(s.cols),
+        pattern=matrix_to_proto(s.pattern, values=False),
+        colorings=[service_pb2.Coloring(name=k, colors=count(c),
+                                        color=to_tensor(c, dtypes.INT32))
+                   for k, c in s.colorings.items()])
+
+
+def from_proto(msg: service_pb2.SparsityResponse, error=AdsvcError) -> Sparsity:
+    """The Sparsity of a SparsityResponse, checked for consistency."""
+    kind = KIND_FROM_ENUM.get(msg.kind)
+    if kind is None:
+        raise error(f"unknown sparsity kind {msg.kind}", field="kind")
+    rows, cols = sigs_from(msg.rows, error), sigs_from(msg.cols, error)
+    pattern = matrix_from_proto(msg.pattern, "pattern", error).astype(bool)
+    if pattern.shape != (sum(math.prod(s[1]) for s in rows.values()),
+                         sum(math.prod(s[1]) for s in cols.values())):
+        raise error("the pattern's shape does not match its row and column blocks",
+                    field="pattern")
+    colorings = {}
+    for c in msg.colorings:
+        colors = from_tensor(c.color, f"colorings.{c.name}", error).reshape(-1)
+        length = pattern.shape[1 if c.name == FORWARD else 0]
+        if c.name not in COLORINGS[kind] or colors.size != length or count(colors) != c.colors:
+            raise error(f"coloring {c.name!r} does not fit the pattern", field="colorings")
+        colorings[c.name] = colors.astype(np.int32)
+    return Sparsity(kind, rows, cols, pattern, colorings)
