@@ -152,3 +152,37 @@ def test_the_cache_is_bounded_by_bytes():
         compiler.compile(g, Spec())
     held_bytes, _ = compiler.cache.weight
     assert held_bytes <= 50 * MIB and 1 <= len(compiler.cache) <= 6
+
+
+# -- found by bench/memory_bombs.py and bench/overrun.py ------------------------------------
+def test_running_out_of_memory_is_resource_exhausted_not_the_clients_fault():
+    x = input_node("x", "float64", (4,))
+    plan = Plan(adsvc.Graph([x], [("s", make("sin", (x,)))]))
+
+    def oom(*_):
+        raise MemoryError("Unable to allocate 122. MiB")
+    fn, ins, out, frees, node = plan.steps[0]
+    plan.steps[0] = (oom, ins, out, frees, node)
+    with pytest.raises(LimitExceededError, match="ran out of memory"):
+        plan.run({"x": np.ones(4)})
+
+
+def test_a_constant_is_interned_without_a_second_copy_of_its_data():
+    from adsvc.ir import node as node_module
+
+    value = np.arange(200_000, dtype=np.float64)
+    c = adsvc.constant(value)
+    keys = [k for k, v in list(node_module._TABLE.items()) if v is c]
+    assert keys and all(not (isinstance(part, bytes) and len(part) > 64)
+                        for part in keys[0])
+    assert adsvc.constant(value.copy()) is c  # still interned by content
+    other = value.copy()
+    other[-1] = -1.0
+    assert adsvc.constant(other) is not c
+
+
+def test_the_default_evaluation_budget_keeps_eight_slots_within_half_the_memory():
+    from adsvc.runtime.cost import memory_fraction
+
+    config = ServerConfig()
+    assert config.max_eval_bytes * config.max_concurrent_rpcs <= memory_fraction(0.5) + 8

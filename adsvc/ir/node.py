@@ -106,7 +106,7 @@ def _typed(attrs: Attrs) -> tuple:
     return tuple((k, type(v), v) for k, v in attrs)
 
 
-def _digest(fields: dict, value_bytes: bytes | None) -> bytes:
+def _digest(fields: dict, value_bytes) -> bytes:
     """Structural hash: op, type, attributes with their value types, input name, label,
     the operands' digests and a constant's bytes."""
     head = repr((fields["op"], fields["dtype"], fields["shape"],
@@ -120,13 +120,13 @@ def _digest(fields: dict, value_bytes: bytes | None) -> bytes:
     return h.digest()
 
 
-def _intern(key: tuple, fields: dict, value_bytes: bytes | None = None) -> Node:
+def _intern(key: tuple, fields: dict, value_bytes=None, digest: bytes | None = None) -> Node:
     """The node for `key`, built from `fields` the first time."""
     with _LOCK:
         node = _TABLE.get(key)
         if node is None:
             node = object.__new__(Node)
-            fields["digest"] = _digest(fields, value_bytes)
+            fields["digest"] = digest or _digest(fields, value_bytes)
             _CREATED.n = getattr(_CREATED, "n", 0) + 1
             for k, v in fields.items():
                 object.__setattr__(node, k, v)
@@ -155,9 +155,16 @@ def constant(value, dtype: str | None = None) -> Node:
     arr = np.array(arr, order="C", copy=True)
     arr.setflags(write=False)
     dt = dtypes.from_numpy(arr.dtype)
-    raw = arr.tobytes()
-    return _intern(("constant", dt, arr.shape, raw),
-                   _fields("constant", dtype=dt, shape=arr.shape, value=arr), raw)
+    # Interned by the digest of its bytes (hashed in place: no copy of the data is kept
+    # in the table's key), the bytes compared on a digest match to be exact.
+    fields = _fields("constant", dtype=dt, shape=arr.shape, value=arr)
+    raw = arr.reshape(-1).view(np.uint8)
+    digest = _digest(fields, raw)
+    key = ("constant", dt, arr.shape, digest)
+    node = _TABLE.get(key)
+    if node is not None and not np.array_equal(node.value.reshape(-1).view(np.uint8), raw):
+        key = ("constant", dt, arr.shape, digest, raw.tobytes())  # a collision: by bytes
+    return _intern(key, fields, raw, digest)
 
 
 class Builder:

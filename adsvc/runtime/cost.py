@@ -23,25 +23,33 @@ from functools import cache
 
 import numpy as np
 
+from adsvc.interrupt import CHECK_EVERY
 from adsvc.ir.opdef import OPS
 from adsvc_protocol import dtypes
+
+# Bounds on what a calibration may conclude (a loaded machine times one run 50x slow):
+# no machine here is slower than these, nor faster than the lower ones.
+SLOWEST = (1e-8, 2e-10)  # s per elementwise op, s per matmul flop
+FASTEST = (1e-10, 1e-12)
 
 
 @cache
 def calibration() -> tuple[float, float]:
     """(seconds per elementwise operation, seconds per matmul flop) on this machine,
-    measured once (a few milliseconds)."""
+    measured once (some milliseconds): the best of several runs, so a busy moment does
+    not make every estimate too slow, clamped to SLOWEST/FASTEST."""
     x = np.linspace(0.0, 1.0, 1 << 18)
-    a = np.ones((192, 192))
+    a = np.ones((256, 256))
     best_e = best_m = math.inf
-    for _ in range(3):
+    for _ in range(7):
         t = time.perf_counter()
         np.sin(x)
         best_e = min(best_e, (time.perf_counter() - t) / x.size)
         t = time.perf_counter()
         a @ a
-        best_m = min(best_m, (time.perf_counter() - t) / (2 * 192 ** 3))
-    return max(best_e, 1e-10), max(best_m, 1e-12)
+        best_m = min(best_m, (time.perf_counter() - t) / (2 * 256 ** 3))
+    return (min(max(best_e, FASTEST[0]), SLOWEST[0]),
+            min(max(best_m, FASTEST[1]), SLOWEST[1]))
 
 
 def memory_fraction(fraction: float, fallback: int = 4 << 30) -> int:
@@ -82,9 +90,10 @@ class Cost:
     steps: tuple[float, ...]  # estimated seconds of each step
 
 
-def plan_cost(nodes, steps, keep: set[int]) -> Cost:
+def plan_cost(nodes, steps, keep: set[int], check=None) -> Cost:
     """The Cost of `steps` [(operand slots, result slot, frees, node)] over slots of
-    `nodes`; `keep` are the output slots (never freed)."""
+    `nodes`; `keep` are the output slots (never freed); `check()` is called every
+    CHECK_EVERY steps and may raise to stop."""
     owner = {}  # slot -> the slot whose memory it holds (itself, or a view's base)
     refs: dict[int, int] = {}
     live = 0
@@ -94,7 +103,9 @@ def plan_cost(nodes, steps, keep: set[int]) -> Cost:
             live += nbytes(n)
     peak, largest, ops = live, 0, 0
     secs = []
-    for ins, out, frees, node in steps:
+    for k, (ins, out, frees, node) in enumerate(steps):
+        if check is not None and k % CHECK_EVERY == 0:
+            check()
         if OPS[node.op].view and ins:
             owner[out] = owner[ins[0]]
             refs[owner[out]] += 1

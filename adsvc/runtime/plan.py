@@ -18,7 +18,7 @@ from adsvc.interrupt import CHECK_EVERY, CHECK_SECONDS, Interrupt
 from adsvc.ir.graph import Graph
 from adsvc.ir.opdef import OPS
 from adsvc.runtime.cost import Cost, plan_cost
-from adsvc_protocol.errors import EvaluationError
+from adsvc_protocol.errors import EvaluationError, LimitExceededError
 from adsvc_protocol.feeds import check_feeds
 
 
@@ -26,7 +26,9 @@ class Plan:
     """A graph ready to evaluate many times: slot-indexed steps that free each value after
     its last use (see the module docstring)."""
 
-    def __init__(self, graph: Graph):
+    def __init__(self, graph: Graph, check=None):
+        """Plan `graph`; `check()` (optional) is called every CHECK_EVERY nodes and may
+        raise to stop (a deadline while compiling)."""
         self.graph = graph
         nodes = graph.nodes
         slot = {id(n): i for i, n in enumerate(nodes)}
@@ -35,7 +37,9 @@ class Plan:
         self._input_slot_set = set(self.input_slots)
         self.template: list = [None] * len(nodes)
         steps = []
-        for n in nodes:
+        for k, n in enumerate(nodes):
+            if check is not None and k % CHECK_EVERY == 0:
+                check()
             if n.op == "constant":
                 self.template[slot[id(n)]] = n.value
             elif n.op != "input":
@@ -58,8 +62,14 @@ class Plan:
     @cached_property
     def cost(self) -> Cost:
         """Peak live bytes, largest allocation and estimated seconds (per step too)."""
-        return plan_cost(self.graph.nodes, [(ins, out, fr, n) for _, ins, out, fr, n in
-                                            self.steps], self._keep)
+        return self.measure()
+
+    def measure(self, check=None) -> Cost:
+        """Compute (and keep) `cost`; `check()` as in the constructor."""
+        cost = plan_cost(self.graph.nodes, [(ins, out, fr, n) for _, ins, out, fr, n in
+                                            self.steps], self._keep, check)
+        self.__dict__["cost"] = cost
+        return cost
 
     def run(self, feeds: Mapping[str, object],
             interrupt: Interrupt | None = None) -> dict[str, np.ndarray]:
@@ -86,6 +96,11 @@ class Plan:
                     since += secs
                 try:
                     vals[out] = fn(*[vals[i] for i in ins])
+                except MemoryError as e:  # the machine, not the request, ran out
+                    raise LimitExceededError(
+                        f"op {node.op!r} ran out of memory ({e}); lower the budget "
+                        "(max_eval_bytes) or the concurrency", field=f"nodes[id={out}]"
+                    ) from None
                 except Exception as e:  # a kernel rejecting a value, e.g. index range
                     raise EvaluationError(
                         f"op {node.op!r} failed: {e}", field=f"nodes[id={out}]"

@@ -226,9 +226,11 @@ class Compiler:
         if limit and len(out.nodes) > limit:
             raise LimitExceededError(f"the compiled graph has {len(out.nodes)} nodes; the "
                                      f"limit is {limit}", field="differentiation")
+        if check is not None:
+            check()
         check_elements(out, self.config, "compiled graph")
-        plan = Plan(out)
-        plan.cost  # noqa: B018  (computed once, with the entry, not on every evaluation)
+        plan = Plan(out, check)
+        plan.measure(check)  # once, with the entry, not on every evaluation
         ins, outs = signature(out)
         entry = Entry(key, spec, out, plan, time.perf_counter() - start, ins, outs)
         if check is not None:

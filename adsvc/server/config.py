@@ -41,7 +41,8 @@ class ServerConfig:
     drain_seconds: float = 0.0  # SIGTERM: report NOT_SERVING this long before stopping
     token: str | None = None  # bearer token required on every call except health/reflection
     # the peak bytes of live values one evaluation may plan for (refused before it runs)
-    max_eval_bytes: int = memory_fraction(0.25)
+    # (1/16 of RAM: with the default 8 slots, all evaluations at once stay within half)
+    max_eval_bytes: int = memory_fraction(1 / 16)
     max_cache_bytes: int = 1024 * MIB  # compiled graphs + plans + constants held in the cache
     max_name_bytes: int = 1024  # input/output names and node labels (UTF-8 bytes)
     tls_cert: str | None = None  # PEM server certificate chain (with tls_key: TLS on)

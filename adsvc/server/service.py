@@ -10,10 +10,12 @@ from __future__ import annotations
 import functools
 import hmac
 import logging
+import os
 import threading
 import time
 import uuid
 from collections import namedtuple
+from collections.abc import Callable
 
 import grpc
 
@@ -45,6 +47,7 @@ from adsvc_protocol.tensors import TO_ENUM, to_tensor
 
 log = logging.getLogger("adsvc.server")
 REQUEST_ID = "x-request-id"
+TRIM_BYTES = 4 << 20  # requests larger than this: return freed heap memory afterwards
 DEADLINE_SKEW = 0.25  # s: a cancel this close to the deadline is the client's deadline
 
 
@@ -90,6 +93,8 @@ class Call:
         self.idle_expired = False
         self.detail = ""
         self.status = "OK"  # the status code name the call ended with (logged)
+        self.load: Callable[[], float] = lambda: 1.0  # how much slower steps run now
+        self.large = False  # the request was big (its memory is handed back afterwards)
 
     def interrupt(self, steps: int = 0, upcoming: float = 0.0) -> None:
         """Raise if the deadline expired, the client went away, or the `upcoming` step
@@ -98,6 +103,7 @@ class Call:
         self.steps = steps
         self.stop_if_done()
         remaining = self.context.time_remaining()
+        upcoming *= self.load()  # concurrent calls share the cores: each step runs slower
         if remaining is not None and upcoming > remaining:
             self.interrupted = True
             raise DeadlineExceededError(
@@ -154,6 +160,7 @@ def _call(method):
     @functools.wraps(method)
     def unary_wrapper(self, request, context):
         def body(call):
+            call.large = isinstance(request, bytes) and len(request) > TRIM_BYTES
             return method(self, _parse(request_cls, request, ""), call)
             yield  # pragma: no cover  (makes `body` a generator for `yield from`)
         gen = _run(self, request, context, body)
@@ -196,8 +203,15 @@ class AutodiffServicer(service_pb2_grpc.AutodiffServiceServicer):
         with self._lock:
             self.counters[key] += delta
 
+    def _load(self) -> float:
+        """How many calls share each core now (at least 1): the slowdown of a step."""
+        with self._lock:
+            in_flight = self.counters["calls_in_flight"]
+        return max(1.0, in_flight / (os.cpu_count() or 1))
+
     def _begin(self, rpc: str, context) -> Call:
         call = Call(rpc, context)
+        call.load = self._load
         context.set_trailing_metadata(((REQUEST_ID, call.request_id),))
         with self._lock:
             self.counters["calls_in_flight"] += 1
@@ -214,6 +228,8 @@ class AutodiffServicer(service_pb2_grpc.AutodiffServiceServicer):
         log.info("rpc=%s request_id=%s status=%s ms=%.1f peer=%s%s", call.rpc, call.request_id,
                  call.status, (time.perf_counter() - call.start) * 1000, call.context.peer(),
                  call.detail)
+        if call.large or " cache=miss" in call.detail:
+            trim_heap()  # big requests and compiles leave freed memory the allocator keeps
 
     def _failed(self, call: Call, e: AdsvcError) -> None:
         """A typed error: its status (with rich details) ends the call."""
@@ -469,6 +485,26 @@ class AutodiffServicer(service_pb2_grpc.AutodiffServiceServicer):
             cache_size=len(cache), cache_hits=cache.hits, cache_misses=cache.misses,
             evaluations_interrupted=c["evaluations_interrupted"])
         return server_info(self.config, stats)
+
+
+def trim_heap() -> None:
+    """Give freed heap memory back to the system (glibc `malloc_trim`; elsewhere a
+    no-op): after a large request or a compile, RSS otherwise stays at its peak."""
+    libc = _libc()
+    if libc is not None:
+        libc.malloc_trim(0)
+
+
+@functools.cache
+def _libc():
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL("libc.so.6")
+        libc.malloc_trim  # noqa: B018  (glibc only)
+        return libc
+    except (OSError, AttributeError):
+        return None
 
 
 def _reason(e: AdsvcError) -> str:

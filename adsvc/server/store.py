@@ -2,8 +2,8 @@
 handles: `handle -> (differentiated graph, compile spec)` kept in Redis.
 
 A replica that compiles a graph writes it here before it answers (so a client may send
-the very next call, by handle, to any replica), but waits for the write at most
-`write_wait` seconds; a replica that misses a handle in its own cache loads it from here — decoded and
+the very next call, by handle, to any replica), waiting for the write at most a couple
+of seconds; a replica that misses a handle in its own cache loads it from here — decoded and
 validated under the server's limits like any client graph (the store is not trusted
 more than a client) — and plans it, instead of answering NOT_FOUND. Redis bounds the
 store (entries expire after a TTL; eviction follows Redis's `maxmemory-policy`);
