@@ -250,3 +250,15 @@ def test_constant_output_has_an_empty_pattern_and_zero_sweeps():
     assert s.nnz == 0 and s.colors() == {"star": 0, "diagonal": 0}
     assert c.hessian(g, sparse=True, x=np.ones(4))["x"]["x"].nnz == 0
     np.testing.assert_array_equal(c.hessian_diag(g, x=np.ones(4))["x"], np.zeros(4))
+
+
+def test_readme_sparse_example_runs():
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    block = text.split("## Sparse Jacobians and Hessians\n\n```py\n")[1].split("```", 1)[0]
+    ns = {"np": np, "adsvc": ad, "c": ad.local()}
+    exec(compile(block.replace("100_000", "2_000"), "README.md", "exec"), ns)
+    assert ns["s"].colors() == {"star": 3, "diagonal": 2}
+    assert ns["H"].nnz == 3 * 2000 - 2 and ns["J"].shape == (1999, 2000)
+    np.testing.assert_allclose(ns["d"], ns["H"].diagonal())

@@ -103,10 +103,15 @@ class Sparsity:
     def seeds(self, coloring: str) -> np.ndarray:
         """(colors × length) 0/1 matrix: row c is the sum of the one-hot directions of
         color c (the seed of one compressed sweep)."""
-        colors = self.colorings[coloring]
-        s = np.zeros((count(colors), colors.size))
-        seeded = np.flatnonzero(colors >= 0)
-        s[colors[seeded], seeded] = 1.0
+        key = ("seeds", coloring)
+        s = self._recovery.get(key)
+        if s is None:
+            colors = self.colorings[coloring]
+            s = np.zeros((count(colors), colors.size))
+            seeded = np.flatnonzero(colors >= 0)
+            s[colors[seeded], seeded] = 1.0
+            s.setflags(write=False)
+            self._recovery[key] = s
         return s
 
     @cached_property
@@ -139,8 +144,8 @@ class Sparsity:
         return np.where(direct, rows * k + c[cols], cols * k + c[rows])
 
     @cached_property
-    def _recovery(self) -> dict[str, np.ndarray]:
-        return {}
+    def _recovery(self) -> dict:
+        return {}  # computed once per coloring: seeds and recovery indices
 
     def recover(self, coloring: str, compressed: np.ndarray) -> sp.csr_matrix:
         """The matrix (CSR, with the pattern's structure) from the compressed sweeps of
