@@ -24,7 +24,7 @@ from grpc_reflection.v1alpha import reflection
 
 from adsvc.server import tls
 from adsvc.server.config import ServerConfig
-from adsvc.server.service import AutodiffServicer, add_to_server
+from adsvc.server.service import AutodiffServicer, add_to_server, limit_heap_arenas
 from adsvc_protocol.proto import service_pb2
 
 log = logging.getLogger("adsvc.server")
@@ -56,6 +56,7 @@ def create_server(address: str = "127.0.0.1:0", config: ServerConfig | None = No
     an error rather than a silently shared port.
     """
     config = config or ServerConfig()
+    limit_heap_arenas()
     credentials = tls.server_credentials(config)
     size = config.max_message_bytes or -1
     options = [

@@ -495,6 +495,15 @@ def trim_heap() -> None:
         libc.malloc_trim(0)
 
 
+def limit_heap_arenas(arenas: int = 2) -> None:
+    """Use at most `arenas` glibc malloc arenas (M_ARENA_MAX): with one per thread, a
+    thread pool keeps many large freed buffers (a big request's) that trimming cannot
+    return. Call before the server's threads start; elsewhere a no-op."""
+    libc = _libc()
+    if libc is not None:
+        libc.mallopt(-8, arenas)  # -8 = M_ARENA_MAX
+
+
 @functools.cache
 def _libc():
     try:
