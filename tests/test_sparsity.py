@@ -262,3 +262,18 @@ def test_readme_sparse_example_runs():
     assert ns["s"].colors() == {"star": 3, "diagonal": 2}
     assert ns["H"].nnz == 3 * 2000 - 2 and ns["J"].shape == (1999, 2000)
     np.testing.assert_allclose(ns["d"], ns["H"].diagonal())
+
+
+def test_a_dense_row_gets_the_trivial_forward_coloring_without_a_graph():
+    """A scalar output of 3000 inputs: reverse needs 1 color; the complete column
+    intersection graph (4.5 million edges) is never built."""
+    n = 3000
+    p = sp.csr_matrix(np.ones((1, n), bool))
+    forward, reverse = coloring.jacobian_colorings(p)
+    np.testing.assert_array_equal(forward, np.arange(n))
+    assert reverse.max() == 0
+    c = ad.local()
+    g = ad.trace(lambda x: ad.sum(ad.sin(x)), x=ad.f64(n))
+    s = c.sparsity(g)
+    assert s.mode == "reverse" and s.colors() == {"forward": n, "reverse": 1}
+    assert_column_coloring(s.pattern, s.colorings["forward"])

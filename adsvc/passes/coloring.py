@@ -15,6 +15,12 @@
   two neighbours of its color) keeps a step O(degree × colors), so a hub (an arrowhead)
   costs no more than its edges.
 - `distance1_coloring(H)`: neighbours differ; enough for the Hessian's diagonal.
+- `jacobian_colorings(P)`: both Jacobian colorings, without building a graph that
+  cannot win: a mode whose lower bound (the most entries in one row for columns, in one
+  column for rows) is above the other mode's colors, or whose intersection graph
+  would have more than MAX_EDGES edges (a dense row makes it complete), gets the
+  trivial coloring (every column or row its own color; valid, never chosen over a
+  better one).
 
 Each returns one int32 color per column, row or vertex (0, 1, ...); a vertex without
 edges gets color 0 (`adsvc.passes.sparsity` marks those without entries -1).
@@ -29,6 +35,7 @@ import numpy as np
 import scipy.sparse as sp
 
 STRATEGY = "largest_first"  # networkx greedy_color ordering (banded: optimal colors)
+MAX_EDGES = 4_000_000  # intersection graphs beyond this get the trivial coloring
 
 
 def adjacency_graph(m: sp.spmatrix) -> nx.Graph:
@@ -57,6 +64,35 @@ def column_coloring(p: sp.spmatrix) -> np.ndarray:
 def row_coloring(p: sp.spmatrix) -> np.ndarray:
     """A color per row; no two rows with an entry in the same column share one."""
     return column_coloring(sp.csr_matrix(p).T)
+
+
+def trivial_coloring(length: int) -> np.ndarray:
+    """Every column (row) its own color: valid for any pattern."""
+    return np.arange(length, dtype=np.int32)
+
+
+def _bounded_column_coloring(p: sp.csr_matrix, beat: int | None) -> np.ndarray:
+    """column_coloring(p), or the trivial one when it must need more than `beat`
+    colors or its intersection graph is over MAX_EDGES edges."""
+    row_nnz = np.diff(p.indptr)
+    lower = int(row_nnz.max()) if row_nnz.size else 0
+    edges = int((row_nnz.astype(np.int64) ** 2).sum())  # an upper bound, before merging
+    if (beat is not None and lower > beat) or edges > 2 * MAX_EDGES and \
+            (p.T @ p).nnz > 2 * MAX_EDGES:
+        return trivial_coloring(p.shape[1])
+    return column_coloring(p)
+
+
+def jacobian_colorings(p: sp.spmatrix) -> tuple[np.ndarray, np.ndarray]:
+    """(column coloring, row coloring) of a Jacobian pattern (module docstring): the mode
+    with the smaller lower bound is colored first."""
+    b = sp.csr_matrix(p, dtype=bool)
+    t = b.T.tocsr()
+    cols_first = (np.diff(b.indptr).max(initial=0) <= np.diff(t.indptr).max(initial=0))
+    first, second = (b, t) if cols_first else (t, b)
+    c1 = _bounded_column_coloring(first, None)
+    c2 = _bounded_column_coloring(second, int(c1.max(initial=-1)) + 1)
+    return (c1, c2) if cols_first else (c2, c1)
 
 
 def distance1_coloring(h: sp.spmatrix) -> np.ndarray:

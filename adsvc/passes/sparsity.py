@@ -27,12 +27,7 @@ from adsvc.ir.node import Node
 from adsvc.ir.opdef import OPS
 from adsvc.ops import patterns
 from adsvc.passes.activity import active_nodes, naming_node, wrt_nodes
-from adsvc.passes.coloring import (
-    column_coloring,
-    distance1_coloring,
-    row_coloring,
-    star_coloring,
-)
+from adsvc.passes.coloring import distance1_coloring, jacobian_colorings, star_coloring
 from adsvc.passes.pipeline import compile_graph
 from adsvc_protocol import dtypes, names
 from adsvc_protocol.errors import InvalidRequestError, LimitExceededError
@@ -179,9 +174,10 @@ def sparsity(graph: Graph, kind: str, wrt=None, check: Checker = None,
         targets = [graph.output(k) for k in outs]
         p = jacobian_pattern(graph, ws, targets, check, max_nnz)
         rows, cols = np.diff(p.indptr) > 0, np.bincount(p.indices, minlength=p.shape[1]) > 0
+        forward, reverse = jacobian_colorings(p)
         return Sparsity(JACOBIAN, {k: (n.dtype, n.shape) for k, n in zip(outs, targets)},
-                        _sig(ws), p, {FORWARD: _compact(column_coloring(p), cols),
-                                      REVERSE: _compact(row_coloring(p), rows)})
+                        _sig(ws), p, {FORWARD: _compact(forward, cols),
+                                      REVERSE: _compact(reverse, rows)})
     if kind == HESSIAN:
         h = hessian_pattern(graph, [w.name for w in ws], check, max_nnz)
         used = np.diff(h.indptr) > 0
