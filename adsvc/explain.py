@@ -31,7 +31,7 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from adsvc.ir import dot
-from adsvc.ir.codec import graph_from_proto
+from adsvc.ir.codec import as_graph
 from adsvc.ir.graph import Graph
 from adsvc.ir.node import Node
 from adsvc.passes.activity import active_nodes, wrt_nodes
@@ -43,7 +43,6 @@ from adsvc.runtime.plan import Plan
 from adsvc_protocol import dtypes, names
 from adsvc_protocol.errors import InvalidRequestError
 from adsvc_protocol.modes import normalize_modes
-from adsvc_protocol.proto import ir_pb2
 from adsvc_protocol.recipes import scalar_output
 
 
@@ -236,7 +235,7 @@ def picture(graph, mode=None, wrt=None, order: int | None = None,
     graph (a first reverse pass over a single scalar output seeded with 1), with
     `inputs` every drawn node annotated with its value (see `node_values`). `options`
     as `adsvc.ir.dot.to_dot` (limit, nearest ...). This is what ``adsvc dot`` draws."""
-    g = _as_graph(graph)
+    g = as_graph(graph)
     modes = () if mode is None else normalize_modes(mode, order)
     drawn = differentiate(g, modes, wrt, order=len(modes), seed=seeded(g, modes)
                           ) if modes else g
@@ -252,15 +251,6 @@ def picture(graph, mode=None, wrt=None, order: int | None = None,
 
 
 # -- the account -------------------------------------------------------------------------------
-def _as_graph(g) -> Graph:
-    if isinstance(g, Graph):
-        return g
-    if isinstance(g, ir_pb2.Graph):
-        return graph_from_proto(g)
-    raise InvalidRequestError(f"expected an adsvc graph or Graph proto, got {type(g).__name__}",
-                              field="graph")
-
-
 def seeded(graph: Graph, modes) -> bool:
     """True if a first reverse pass over `graph` is seeded with 1 (a plain gradient: the
     graph has a single scalar float output), as ``adsvc show`` and ``adsvc dot`` do."""
@@ -302,7 +292,7 @@ def explain(graph, mode="reverse", wrt=None, order: int | None = None,
     evaluates. A reverse first pass over a single scalar output is seeded with 1.
     Derivative inputs left out of `feeds` are seeds: one sweep each (see `node_values`).
     """
-    g = simplify(_as_graph(graph))
+    g = simplify(as_graph(graph))
     feeds = {**(inputs or {}), **feeds}
     modes = () if mode is None else normalize_modes(mode, order)
     if not modes:

@@ -366,6 +366,16 @@ def as_proto(g) -> ir_pb2.Graph:
                               f"{type(g).__name__}", field="graph")
 
 
+def as_graph(g) -> Graph:
+    """An adsvc graph of an adsvc graph (passed through) or a Graph proto (decoded)."""
+    if isinstance(g, Graph):
+        return g
+    if isinstance(g, ir_pb2.Graph):
+        return graph_from_proto(g)
+    raise InvalidRequestError(f"expected an adsvc graph or Graph proto, got {type(g).__name__}",
+                              field="graph")
+
+
 def _key(g):
     return g.key if isinstance(g, Graph) else proto_key(as_proto(g))
 
