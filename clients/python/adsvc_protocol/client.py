@@ -47,6 +47,10 @@ class _Call:
         """The client's `_sparsity`, with this call's timeout."""
         return self.client._sparsity(g, kind, wrt, self.timeout)
 
+    def compile_sweeps(self, g, mode, wrt, count) -> Compiled | None:
+        """The client's `_compile_sweeps` (None: it has none), with this call's timeout."""
+        return self.client._compile_sweeps(g, mode, wrt, count, self.timeout)
+
 
 def _feeds(inputs: Mapping[str, Any] | None, kw: Mapping[str, Any]) -> dict[str, Any]:
     return {**(inputs or {}), **kw}
@@ -71,6 +75,12 @@ class ClientBase:
     def _sparsity(self, graph, kind: str, wrt: tuple[str, ...] | None,
                   timeout: float | None) -> Sparsity:
         raise NotImplementedError
+
+    def _compile_sweeps(self, graph, mode: str, wrt: tuple[str, ...] | None, count: int,
+                        timeout: float | None) -> Compiled | None:
+        """`count` compressed sweeps compiled as one graph (vector mode), or None: the
+        recipes then evaluate one sweep per color."""
+        return None
 
     def _graph(self, compiled: Compiled, timeout: float | None):
         """The differentiated graph of `compiled` (a remote client fetches it once)."""

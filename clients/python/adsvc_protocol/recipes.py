@@ -63,6 +63,10 @@ class Backend(Protocol):
         `graph` with respect to `wrt` (None: every float input), with its colorings."""
         ...
 
+    # Optional: `compile_sweeps(graph, mode, wrt, count) -> Compiled | None`, `count`
+    # compressed sweeps of `mode` ("forward", "reverse", "hvp") as passes over one primal
+    # graph (adsvc.passes.sweeps); None or absent: one evaluation per sweep.
+
 
 # -- shared rules ---------------------------------------------------------------------
 def wrt_tuple(wrt) -> tuple[str, ...] | None:
@@ -241,14 +245,48 @@ def _joined(out: Mapping[str, np.ndarray], blocks, name) -> np.ndarray:
     return np.concatenate(parts) if parts else np.zeros(0)
 
 
-def _compressed(b: Backend, c: Compiled, feeds: Feeds, seeds: np.ndarray, sigs, seed_name,
-                blocks, out_name) -> np.ndarray:
-    """(length of `blocks` × colors): one sweep per seed row, its outputs as a column."""
-    runs = [{**feeds, **_split(row, sigs, seed_name)} for row in seeds]
-    outs = b.run_many(c, runs) if runs else []
-    if not outs:
-        return np.zeros((sum(size(sig) for sig in blocks.values()), 0))
-    return np.stack([_joined(o, blocks, out_name) for o in outs], axis=1)
+# (seed input name, output name) of pass k of each kind of compressed sweep
+SWEEP_NAMES = {
+    FORWARD: (names.tangent, names.tangent),
+    REVERSE: (names.cotangent, names.grad),
+    "hvp": (names.tangent, lambda x, k: names.tangent(names.grad(x), k)),
+}
+SWEEP_COMPILE = {FORWARD: ((FORWARD,), False), REVERSE: ((REVERSE,), False),
+                 "hvp": ((REVERSE, FORWARD), True)}
+MAX_SWEEPS_IN_ONE_GRAPH = 32  # more colors: one evaluation per color instead
+
+
+def _pass_names(mode: str, k: int):
+    seed, out = SWEEP_NAMES[mode]
+    return (lambda x: seed(x, k)), (lambda x: out(x, k))
+
+
+def _compressed(b: Backend, g, wrt, mode: str, feeds: Feeds, seeds: np.ndarray,
+                seed_sigs, out_blocks) -> np.ndarray:
+    """(length of `out_blocks` × colors): the compressed sweeps of `mode` ("forward",
+    "reverse", "hvp"), one per seed row. A backend that can (`compile_sweeps`) builds
+    all of them as passes over one primal graph and evaluates it once (vector mode: the
+    primal computed once); otherwise one evaluation per color."""
+    k = len(seeds)
+    if not k:
+        return np.zeros((sum(size(sig) for sig in out_blocks.values()), 0))
+    first = 2 if mode == "hvp" else 1
+    batched = getattr(b, "compile_sweeps", None)
+    c = (batched(g, mode, wrt_tuple(wrt), k)
+         if batched is not None and 1 < k <= MAX_SWEEPS_IN_ONE_GRAPH else None)
+    if c is not None:
+        run = dict(feeds)
+        for i, row in enumerate(seeds):
+            run.update(_split(row, seed_sigs, _pass_names(mode, first + i)[0]))
+        out = b.run(c, run)
+        cols = [_joined(out, out_blocks, _pass_names(mode, first + i)[1]) for i in range(k)]
+    else:
+        modes, seeded = SWEEP_COMPILE[mode]
+        c = b.compile(g, modes, wrt_tuple(wrt), seeded)
+        seed_name, out_name = _pass_names(mode, first)
+        outs = b.run_many(c, [{**feeds, **_split(row, seed_sigs, seed_name)} for row in seeds])
+        cols = [_joined(o, out_blocks, out_name) for o in outs]
+    return np.stack(cols, axis=1)
 
 
 def sparse_jacobian_matrix(b: Backend, g, wrt, mode: str | None,
@@ -258,13 +296,10 @@ def sparse_jacobian_matrix(b: Backend, g, wrt, mode: str | None,
     (reverse); `mode` None: the one with fewer colors."""
     s = b.sparsity(g, JACOBIAN, wrt_tuple(wrt))
     mode = s.mode if mode is None else single_mode(mode)
-    c = b.compile(g, (mode,), wrt_tuple(wrt), False)
     if mode == FORWARD:
-        comp = _compressed(b, c, feeds, s.seeds(FORWARD), s.cols, names.tangent, s.rows,
-                           names.tangent)
+        comp = _compressed(b, g, wrt, FORWARD, feeds, s.seeds(FORWARD), s.cols, s.rows)
     else:
-        comp = _compressed(b, c, feeds, s.seeds(REVERSE), s.rows, names.cotangent, s.cols,
-                           names.grad).T
+        comp = _compressed(b, g, wrt, REVERSE, feeds, s.seeds(REVERSE), s.rows, s.cols).T
     return s, s.recover(mode, comp)
 
 
@@ -277,10 +312,7 @@ def sparse_jacobian(b: Backend, g, wrt, mode: str | None, feeds: Feeds):
 def _hvps(b: Backend, g, wrt, feeds: Feeds, coloring: str) -> tuple[Sparsity, np.ndarray]:
     """(Hessian sparsity, H·S): one Hessian-vector product per color of `coloring`."""
     s = b.sparsity(g, HESSIAN, wrt_tuple(wrt))
-    c = b.compile(g, (REVERSE, FORWARD), wrt_tuple(wrt), True)
-    comp = _compressed(b, c, feeds, s.seeds(coloring), s.cols, lambda x: names.tangent(x, 2),
-                       s.cols, lambda x: names.tangent(names.grad(x), 2))
-    return s, comp
+    return s, _compressed(b, g, wrt, "hvp", feeds, s.seeds(coloring), s.cols, s.cols)
 
 
 def sparse_hessian_matrix(b: Backend, g, wrt, feeds: Feeds) -> tuple[Sparsity, Any]:
