@@ -8,6 +8,7 @@ from adsvc.ir.codec import graph_from_proto
 from adsvc.ir.graph import Graph
 from adsvc.passes.pipeline import compile_graph, signature
 from adsvc.passes.sparsity import sparsity
+from adsvc.passes.sweeps import sweeps_graph
 from adsvc.runtime.cost import memory_fraction
 from adsvc.runtime.plan import Plan
 from adsvc_protocol.client import ClientBase, Compiled
@@ -63,11 +64,21 @@ class LocalClient(ClientBase):
 
     def _compile(self, g, modes, wrt, seed, timeout) -> Compiled:
         graph = as_graph(g)
-        key = (graph.key, modes, wrt, seed)
+        return self._cached((graph.key, modes, wrt, seed), lambda: compile_graph(
+            graph, modes, wrt, seed, deadline_check(timeout)))
+
+    def _compile_sweeps(self, g, mode, wrt, count, timeout) -> Compiled:
+        graph = as_graph(g)
+        return self._cached((graph.key, "sweeps", mode, wrt, count), lambda: sweeps_graph(
+            graph, mode, wrt, count, deadline_check(timeout)))
+
+    def _cached(self, key, build) -> Compiled:
+        """The compiled graph of `key`, built (`build()` gives the graph) and planned on
+        a miss."""
         hit = self.cache.get(key)
         if hit is not None:
             return hit
-        out = compile_graph(graph, modes, wrt, seed, deadline_check(timeout))
+        out = build()
         ins, outs = signature(out)
         compiled = Compiled(Plan(out), ins, outs, out)
         self.cache.put(key, compiled, weight=len(out.nodes))
