@@ -277,3 +277,23 @@ def test_a_dense_row_gets_the_trivial_forward_coloring_without_a_graph():
     s = c.sparsity(g)
     assert s.mode == "reverse" and s.colors() == {"forward": n, "reverse": 1}
     assert_column_coloring(s.pattern, s.colorings["forward"])
+
+
+class _OneSweepAtATime(ad.LocalClient):
+    def _compile_sweeps(self, *args):
+        return None
+
+
+def test_vector_mode_sweeps_equal_one_sweep_per_color():
+    x = np.random.default_rng(10).standard_normal(60)
+    jg, hg = ad.trace(banded, x=ad.f64(60)), ad.trace(rosenbrock, x=ad.f64(60))
+    vector, single = ad.local(), _OneSweepAtATime()
+    for mode in ("forward", "reverse"):
+        a = vector.jacobian(jg, mode=mode, sparse=True, x=x)["out"]["x"]
+        b = single.jacobian(jg, mode=mode, sparse=True, x=x)["out"]["x"]
+        assert abs(a - b).max() == 0
+    assert abs(vector.hessian(hg, sparse=True, x=x)["x"]["x"]
+               - single.hessian(hg, sparse=True, x=x)["x"]["x"]).max() == 0
+    np.testing.assert_array_equal(vector.hessian_diag(hg, x=x)["x"],
+                                  single.hessian_diag(hg, x=x)["x"])
+    assert any(len(k) == 5 and k[1] == "sweeps" for k in vector.cache._items)
