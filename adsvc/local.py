@@ -4,27 +4,15 @@ from __future__ import annotations
 
 import time
 
-from adsvc.ir.codec import graph_from_proto
-from adsvc.ir.graph import Graph
+from adsvc.ir.codec import as_graph
 from adsvc.passes.pipeline import compile_graph, signature
 from adsvc.passes.sparsity import sparsity
 from adsvc.passes.sweeps import sweeps_graph
 from adsvc.runtime.cost import memory_fraction
 from adsvc.runtime.plan import Plan
 from adsvc_protocol.client import ClientBase, Compiled
-from adsvc_protocol.errors import DeadlineExceededError, InvalidRequestError, LimitExceededError
+from adsvc_protocol.errors import DeadlineExceededError, LimitExceededError
 from adsvc_protocol.lru import LRUCache
-from adsvc_protocol.proto import ir_pb2
-
-
-def as_graph(g) -> Graph:
-    """Accept an IR graph or a Graph proto."""
-    if isinstance(g, Graph):
-        return g
-    if isinstance(g, ir_pb2.Graph):
-        return graph_from_proto(g)
-    raise InvalidRequestError(f"expected an adsvc graph or Graph proto, got {type(g).__name__}",
-                              field="graph")
 
 
 def deadline_check(timeout: float | None):
