@@ -114,10 +114,15 @@ def _shutdown(server: grpc.Server, config: ServerConfig) -> None:
     server.adsvc_health.enter_graceful_shutdown()
     if config.drain_seconds > 0:
         threading.Event().wait(config.drain_seconds)
-    counters = server.adsvc_servicer.counters
+    servicer = server.adsvc_servicer
+    counters = servicer.counters
     at_stop = counters["calls_in_flight"]
+    servicer.stopping = True  # calls ending CANCELLED from now on were cut short
     server.stop(config.grace_seconds).wait()
-    left = counters["calls_in_flight"]
+    end = time.monotonic() + 2.0  # handlers notice the cancellation at their next check
+    while counters["calls_in_flight"] and time.monotonic() < end:
+        time.sleep(0.01)
+    left = counters["cut_short"] + counters["calls_in_flight"]
     if left:
         log.warning("stopped: %d of %d call(s) in flight were still running when the "
                     "%.1fs grace period ran out (cancelled)", left, at_stop,

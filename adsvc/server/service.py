@@ -194,7 +194,9 @@ class AutodiffServicer(service_pb2_grpc.AutodiffServiceServicer):
         self.metrics = Metrics()
         self.compiler = Compiler(config, self.metrics)
         self._lock = threading.Lock()
-        self.counters = {"calls_in_flight": 0, "calls_total": 0, "evaluations_interrupted": 0}
+        self.counters = {"calls_in_flight": 0, "calls_total": 0, "evaluations_interrupted": 0,
+                         "cut_short": 0}
+        self.stopping = False  # set at shutdown: calls then ending CANCELLED were cut short
         self._slots = threading.BoundedSemaphore(config.max_concurrent_rpcs or 1)
         self._watchdog = Watchdog()
 
@@ -220,6 +222,8 @@ class AutodiffServicer(service_pb2_grpc.AutodiffServiceServicer):
         return call
 
     def _end(self, call: Call) -> None:
+        if self.stopping and call.status == "CANCELLED":
+            self._count("cut_short")
         self._count("calls_in_flight", -1)
         m = self.metrics
         m.in_flight.dec()
