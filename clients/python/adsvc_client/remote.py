@@ -107,11 +107,14 @@ class Retry:
         return e
 
 
+MAX_SECRET_FILE = 1 << 20  # bytes read at most from a token or TLS file
+
+
 def _read_token(path: str) -> str:
     """The first line of a token file, stripped; UsageError if unreadable or empty."""
     try:
-        with open(path, encoding="utf-8") as f:
-            token = f.readline().strip()
+        with open(path, encoding="utf-8") as f:  # a bounded read: never a device's stream
+            token = f.readline(MAX_SECRET_FILE).strip()
     except (OSError, UnicodeDecodeError) as e:
         raise E.UsageError(f"cannot read the token file {path!r}: "
                            f"{getattr(e, 'strerror', None) or e}", field="token_file") from None

@@ -26,8 +26,8 @@ def _read(path: str | None, what: str) -> bytes | None:
     if path is None:
         return None
     try:
-        with open(path, "rb") as f:
-            data = f.read()
+        with open(path, "rb") as f:  # bounded: a certificate bundle is kilobytes
+            data = f.read(1 << 22)
     except OSError as e:
         raise UsageError(f"cannot read the TLS {what} {path!r}: {e.strerror or e}",
                          field=what.replace(" ", "_")) from None
