@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 
+from adsvc.interrupt import REFUSE_MARGIN
 from adsvc.ir.codec import as_graph
 from adsvc.passes.pipeline import compile_graph, signature
 from adsvc.passes.sparsity import sparsity
@@ -26,7 +27,7 @@ def deadline_check(timeout: float | None):
         left = end - time.monotonic()
         if left <= 0:
             raise DeadlineExceededError(f"deadline of {timeout}s exceeded")
-        if upcoming > left:
+        if upcoming > left * REFUSE_MARGIN:
             raise DeadlineExceededError(
                 f"deadline of {timeout}s: the next step (about {upcoming:.3g}s) cannot "
                 f"finish in the {left:.3g}s left; stopped after {steps} steps")

@@ -186,3 +186,32 @@ def test_the_default_evaluation_budget_keeps_eight_slots_within_half_the_memory(
 
     config = ServerConfig()
     assert config.max_eval_bytes * config.max_concurrent_rpcs <= memory_fraction(0.5) + 8
+
+
+def test_kernel_temporaries_count_in_the_planned_peak():
+    """logsumexp of a 16M broadcast makes x - m and exp(x - m) while it runs: ~256 MB
+    that a plan counting only results (8 bytes here) would miss."""
+    g = adsvc.trace(lambda x: adsvc.logsumexp(adsvc.broadcast_to(x, [BIG])))
+    assert Plan(g).cost.peak_bytes >= 2 * BIG * 8
+
+
+def test_a_bad_calibration_corrects_itself_instead_of_refusing_work():
+    from adsvc.runtime import cost
+
+    n = 1200
+    g = adsvc.trace(lambda a: adsvc.sum(a @ a), a=adsvc.f64(n, n))
+    saved = cost._SPEED[0]
+    try:
+        cost._SPEED[0] = 2.5  # as if the calibration had been taken at a busy moment
+        c = adsvc.local()
+        for _ in range(3):
+            c.evaluate(g, a=np.ones((n, n)), timeout=30.0)
+        assert cost.speed() < 2.5  # the evaluator's own timings pulled it back
+    finally:
+        cost._SPEED[0] = saved
+
+
+def test_numpy_style_reshape_on_traced_values():
+    g = adsvc.trace(lambda x: adsvc.sum(x.reshape(3, 2)) + adsvc.sum(x.reshape(-1)),
+                    x=adsvc.f64(6))
+    assert adsvc.local().evaluate(g, x=np.arange(6.0))["out"] == 30.0

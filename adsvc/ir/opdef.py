@@ -54,6 +54,9 @@ class OpDef:
     derivative: str = RULE
     # What evaluating it costs (the plan's memory budget and deadline checks read these):
     view: bool = False  # the kernel returns a view of operand 0 (no new memory)
+    # buffers the kernel allocates while it runs, each as large as its largest operand or
+    # result (at their full, broadcast shapes): counted in the plan's peak memory
+    temporaries: float = 0
     flops: Callable | None = None  # node -> arithmetic operations; None: one per element
     # Which operand elements each output element depends on: a rule of adsvc.ops.patterns
     # (node -> one boolean pattern per operand); None: the conservative "dense" fallback.

@@ -79,8 +79,11 @@ class NodeOperators:
         """Minimum over `axes` (None: all), as `adsvc.min`."""
         return self._reduce("min", axes, keepdims)
 
-    def reshape(self, shape):
-        """The same elements in `shape` (one entry may be -1), as `adsvc.reshape`."""
+    def reshape(self, *shape):
+        """The same elements in `shape` (one entry may be -1), as `adsvc.reshape`; like
+        numpy, `x.reshape(3, 2)`, `x.reshape(-1)` and `x.reshape((3, 2))` all work."""
+        if len(shape) == 1 and not hasattr(shape[0], "__index__"):
+            shape = tuple(shape[0])
         return self._apply("reshape", {"shape": tuple(shape)})
 
     def astype(self, dtype: str):

@@ -43,7 +43,7 @@ UNARY_DOCS = {
 }
 
 
-def _unary(name, kernel, d, *, numeric=False):
+def _unary(name, kernel, d, *, numeric=False, temporaries=0):
     def jvp(node, ts):
         t, = ts
         if t is None:
@@ -55,7 +55,7 @@ def _unary(name, kernel, d, *, numeric=False):
 
     infer = numeric_unary(name) if numeric else float_unary(name)
     register(OpDef(name, 1, infer, lambda attrs: kernel, jvp, vjp, doc=UNARY_DOCS[name],
-                   sparsity=patterns.elementwise))
+                   sparsity=patterns.elementwise, temporaries=temporaries))
 
 
 # neg, abs and sign also accept integers (not differentiated there: activity analysis
@@ -72,7 +72,7 @@ _unary("sin", np.sin, lambda x, y: A.cos(x))
 _unary("cos", np.cos, lambda x, y: A.neg(A.sin(x)))
 _unary("tan", np.tan, lambda x, y: A.add(A.square(y), 1.0))
 _unary("tanh", np.tanh, lambda x, y: A.sub(1.0, A.square(y)))
-_unary("sigmoid", _sigmoid, lambda x, y: A.mul(y, A.sub(1.0, y)))
+_unary("sigmoid", _sigmoid, lambda x, y: A.mul(y, A.sub(1.0, y)), temporaries=2)
 _unary("softplus", lambda x: np.logaddexp(np.zeros((), x.dtype), x), lambda x, y: A.sigmoid(x))
 _unary("sqrt", np.sqrt, lambda x, y: A.div(0.5, y))
 _unary("abs", np.abs, lambda x, y: A.sign(x), numeric=True)
@@ -184,7 +184,7 @@ register(OpDef(
     "mul_or_zero", 2, binary("mul_or_zero", dtypes.FLOATS), lambda a: _mul_or_zero,
     _partials_jvp(lambda n, a, b: (b, a)), _partials_vjp(lambda n, a, b: (b, a)),
     doc="a * b, but exactly 0 where either factor is 0 (0 * inf = 0): the chain-rule "
-        "product", sparsity=patterns.elementwise))
+        "product", sparsity=patterns.elementwise, temporaries=1))  # the NaN fix-up masks
 
 
 # -- comparisons and where ---------------------------------------------------------------

@@ -149,4 +149,4 @@ register(OpDef("min", 1, _infer("min", NUMERIC), _kernel(np.min), _ext_jvp, _ext
                sparsity=patterns.reduction))
 register(OpDef("logsumexp", 1, _infer("logsumexp", dtypes.FLOATS), _kernel(_logsumexp),
                _lse_jvp, _lse_vjp, dict(ATTRS), doc="log(sum(exp(x))) over axes, stable",
-               sparsity=patterns.reduction))
+               sparsity=patterns.reduction, temporaries=2))  # x - m and exp(x - m)

@@ -308,7 +308,7 @@ register(OpDef(
     lambda n, ct: [A.take(ct, n.inputs[1], n.attr("axis")), None],
     {"axis": Attr("int"), "size": Attr("int", doc="length of the result along axis")},
     doc="zeros of the result shape with updates added at indices along axis (take's VJP)",
-    sparsity=patterns.scatter))
+    sparsity=patterns.scatter, temporaries=1))  # updates reshaped (copied if broadcast)
 
 
 # -- matmul ----------------------------------------------------------------------------
@@ -347,9 +347,14 @@ def _matmul_vjp(node, ct):
             A.reshape(db, b.shape) if db.shape != b.shape else db]
 
 
+INT_MATMUL_SLOWDOWN = 16  # no BLAS for integers: measured 14x slower than float64
+
+
 def _matmul_flops(node) -> int:
-    """2·m·k·n per batch element: the contraction dimension times the result's size."""
-    return 2 * node.inputs[0].shape[-1] * max(node.size, 1)
+    """2·m·k·n per batch element: the contraction dimension times the result's size (in
+    float-BLAS flops: integer products are charged INT_MATMUL_SLOWDOWN times more)."""
+    flops = 2 * node.inputs[0].shape[-1] * max(node.size, 1)
+    return flops if dtypes.is_float(node.dtype) else flops * INT_MATMUL_SLOWDOWN
 
 
 register(OpDef("matmul", 2, _matmul_infer, lambda a: np.matmul, _matmul_jvp, _matmul_vjp,

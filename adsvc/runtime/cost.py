@@ -36,20 +36,42 @@ FASTEST = (1e-10, 1e-12)
 @cache
 def calibration() -> tuple[float, float]:
     """(seconds per elementwise operation, seconds per matmul flop) on this machine,
-    measured once (some milliseconds): the best of several runs, so a busy moment does
-    not make every estimate too slow, clamped to SLOWEST/FASTEST."""
+    measured once (some milliseconds): the best of several back-to-back runs after a
+    warm-up (BLAS threads that went to sleep between products made single timings 20x
+    slow), clamped to SLOWEST/FASTEST."""
     x = np.linspace(0.0, 1.0, 1 << 18)
-    a = np.ones((256, 256))
-    best_e = best_m = math.inf
+    a = np.ones((512, 512))
+    for _ in range(3):  # wake BLAS's threads
+        a @ a
+    best_m = math.inf
+    for _ in range(7):  # back to back, so the threads stay awake
+        t = time.perf_counter()
+        a @ a
+        best_m = min(best_m, (time.perf_counter() - t) / (2 * 512 ** 3))
+    best_e = math.inf
     for _ in range(7):
         t = time.perf_counter()
         np.sin(x)
         best_e = min(best_e, (time.perf_counter() - t) / x.size)
-        t = time.perf_counter()
-        a @ a
-        best_m = min(best_m, (time.perf_counter() - t) / (2 * 256 ** 3))
     return (min(max(best_e, FASTEST[0]), SLOWEST[0]),
             min(max(best_m, FASTEST[1]), SLOWEST[1]))
+
+
+_SPEED = [1.0]  # observed / calibrated seconds of expensive steps, this process, smoothed
+
+
+def speed() -> float:
+    """How much slower (>1) or faster (<1) than calibrated expensive steps ran lately."""
+    return _SPEED[0]
+
+
+def observe(estimated: float, actual: float) -> float:
+    """Fold one expensive step's actual time into `speed()` (bounded to 1/20..20: a
+    calibration taken at a busy moment corrects itself after a step or two)."""
+    if estimated > 0:
+        ratio = min(max(actual / estimated, 0.05), 20.0)
+        _SPEED[0] = 0.5 * _SPEED[0] + 0.5 * ratio
+    return _SPEED[0]
 
 
 def memory_fraction(fraction: float, fallback: int = 4 << 30) -> int:
@@ -90,6 +112,13 @@ class Cost:
     steps: tuple[float, ...]  # estimated seconds of each step
 
 
+def _temporary_bytes(node) -> int:
+    """Bytes the step's kernel allocates while it runs (`OpDef.temporaries` buffers as
+    large as its largest operand or result)."""
+    k = OPS[node.op].temporaries
+    return int(k * max([nbytes(node), *(nbytes(i) for i in node.inputs)])) if k else 0
+
+
 def plan_cost(nodes, steps, keep: set[int], check=None) -> Cost:
     """The Cost of `steps` [(operand slots, result slot, frees, node)] over slots of
     `nodes`; `keep` are the output slots (never freed); `check()` is called every
@@ -113,7 +142,7 @@ def plan_cost(nodes, steps, keep: set[int], check=None) -> Cost:
             owner[out], refs[out] = out, 1
             live += nbytes(node)
             largest = max(largest, nbytes(node))
-        peak = max(peak, live)
+        peak = max(peak, live + _temporary_bytes(node))
         n, s = operations(node)
         ops += n
         secs.append(s)

@@ -9,6 +9,7 @@ that peak, and each step's estimated seconds, before anything runs (runtime.cost
 
 from __future__ import annotations
 
+import time
 from collections.abc import Mapping
 from functools import cached_property
 
@@ -17,7 +18,7 @@ import numpy as np
 from adsvc.interrupt import CHECK_EVERY, CHECK_SECONDS, Interrupt
 from adsvc.ir.graph import Graph
 from adsvc.ir.opdef import OPS
-from adsvc.runtime.cost import Cost, plan_cost
+from adsvc.runtime.cost import Cost, observe, plan_cost, speed
 from adsvc_protocol.errors import EvaluationError, LimitExceededError
 from adsvc_protocol.feeds import check_feeds
 
@@ -85,17 +86,20 @@ class Plan:
         for s, arr in zip(self.input_slots, check_feeds(self.inputs, feeds)):
             vals[s] = arr
         estimate = self.cost.steps if interrupt is not None else ()
-        since = 0.0
+        since, scale, timed = 0.0, speed(), 0.0
         with np.errstate(all="ignore"):
             for k, (fn, ins, out, frees, node) in enumerate(self.steps):
                 if interrupt is not None:
-                    secs = estimate[k]
+                    secs = estimate[k] * scale
                     if k % CHECK_EVERY == 0 or since + secs >= CHECK_SECONDS:
                         interrupt(steps=k, upcoming=secs)
                         since = 0.0
                     since += secs
+                    timed = time.perf_counter() if estimate[k] >= CHECK_SECONDS else 0.0
                 try:
                     vals[out] = fn(*[vals[i] for i in ins])
+                    if timed:  # an expensive step: how fast is the machine right now?
+                        scale = observe(estimate[k], time.perf_counter() - timed)
                 except MemoryError as e:  # the machine, not the request, ran out
                     raise LimitExceededError(
                         f"op {node.op!r} ran out of memory ({e}); lower the budget "

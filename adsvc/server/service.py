@@ -19,6 +19,7 @@ from collections.abc import Callable
 
 import grpc
 
+from adsvc.interrupt import REFUSE_MARGIN
 from adsvc.server import errors as status_table
 from adsvc.server.compiler import (
     Backend,
@@ -104,7 +105,7 @@ class Call:
         self.stop_if_done()
         remaining = self.context.time_remaining()
         upcoming *= self.load()  # concurrent calls share the cores: each step runs slower
-        if remaining is not None and upcoming > remaining:
+        if remaining is not None and upcoming > remaining * REFUSE_MARGIN:
             self.interrupted = True
             raise DeadlineExceededError(
                 f"the next evaluation step (about {upcoming:.3g}s) cannot finish in the "
@@ -197,6 +198,7 @@ class AutodiffServicer(service_pb2_grpc.AutodiffServiceServicer):
         self.counters = {"calls_in_flight": 0, "calls_total": 0, "evaluations_interrupted": 0,
                          "cut_short": 0}
         self.stopping = False  # set at shutdown: calls then ending CANCELLED were cut short
+        self._calls: set[Call] = set()  # calls in progress
         self._slots = threading.BoundedSemaphore(config.max_concurrent_rpcs or 1)
         self._watchdog = Watchdog()
 
@@ -206,10 +208,11 @@ class AutodiffServicer(service_pb2_grpc.AutodiffServiceServicer):
             self.counters[key] += delta
 
     def _load(self) -> float:
-        """How many calls share each core now (at least 1): the slowdown of a step."""
+        """How many evaluations share each core now (at least 1): the slowdown of a
+        step. Only calls that are evaluating count (not idle streams or refusals)."""
         with self._lock:
-            in_flight = self.counters["calls_in_flight"]
-        return max(1.0, in_flight / (os.cpu_count() or 1))
+            evaluating = sum(1 for c in self._calls if c.checks)
+        return max(1.0, evaluating / (os.cpu_count() or 1))
 
     def _begin(self, rpc: str, context) -> Call:
         call = Call(rpc, context)
@@ -218,6 +221,7 @@ class AutodiffServicer(service_pb2_grpc.AutodiffServiceServicer):
         with self._lock:
             self.counters["calls_in_flight"] += 1
             self.counters["calls_total"] += 1
+            self._calls.add(call)
         self.metrics.in_flight.inc()
         return call
 
@@ -225,6 +229,8 @@ class AutodiffServicer(service_pb2_grpc.AutodiffServiceServicer):
         if self.stopping and call.status == "CANCELLED":
             self._count("cut_short")
         self._count("calls_in_flight", -1)
+        with self._lock:
+            self._calls.discard(call)
         m = self.metrics
         m.in_flight.dec()
         m.calls.labels(call.rpc, call.status).inc()
