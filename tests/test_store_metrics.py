@@ -88,7 +88,8 @@ def test_garbage_or_invalid_store_entries_are_misses(redis_url):
     too_big = hand_graph([(0, "x", [])], [(i, "neg", [i - 1]) for i in range(1, 50)],
                          [("z", 49)])
     r.set(PREFIX + "e" * 64, S.DifferentiateRequest(graph=too_big).SerializeToString())
-    with running_server(ServerConfig(store=redis_url, max_nodes=20)) as (_, t), \
+    with running_server(ServerConfig(store=redis_url, max_nodes=20,
+                                     max_compiled_nodes=20)) as (_, t), \
             channel(t) as ch:
         for handle in (bad, "e" * 64):
             with pytest.raises(grpc.RpcError) as e:
@@ -153,3 +154,30 @@ def test_serve_flags_store_and_metrics_port(redis_url):
     finally:
         proc.terminate()
         assert proc.wait(30) == 0
+
+
+def test_signed_entries_tampering_is_ignored(redis_url):
+    """With a shared secret, whoever can write to Redis cannot change what a handle
+    computes: a swapped payload is a miss, and the graph is compiled again."""
+    import redis
+
+    from adsvc.server.store import PREFIX
+
+    config = ServerConfig(store=redis_url, store_secret=b"0123456789abcdef-secret")
+    with running_server(config) as (_, ta), running_server(config) as (_, tb), \
+            channel(ta) as ca, channel(tb) as cb:
+        graph = seed_graph()
+        graph.name = "signed-entries"
+        handle = stub(ca).Differentiate(S.DifferentiateRequest(
+            graph=graph, differentiation=REVERSE, omit_graph=True), timeout=30).handle
+        r = redis.Redis.from_url(redis_url)
+        good = r.get(PREFIX + handle)
+        forged = S.DifferentiateRequest(graph=hand_graph([(0, "x", []), (1, "y", [])],
+                                                         [(2, "add", [0, 1])], [("z", 2)]))
+        r.set(PREFIX + handle, good[:32] + forged.SerializeToString())  # old signature
+        with pytest.raises(grpc.RpcError) as e:
+            stub(cb).Evaluate(S.EvaluateRequest(handle=handle, inputs=XY), timeout=30)
+        assert e.value.code() == grpc.StatusCode.NOT_FOUND
+        r.set(PREFIX + handle, good)  # the genuine entry is served
+        out = stub(cb).Evaluate(S.EvaluateRequest(handle=handle, inputs=XY), timeout=30)
+        assert float(from_tensor(out.outputs["grad:x"])) == 10.0

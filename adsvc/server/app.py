@@ -408,6 +408,9 @@ def _add_deployment_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--store", metavar="redis://HOST:PORT/DB",
                         help="share compiled graphs with other replicas through this Redis "
                              "(default: none, the in-process cache only)")
+    parser.add_argument("--store-secret-file", metavar="PATH",
+                        help="sign and check stored graphs with the secret in this file "
+                             "(the same file on every replica)")
     parser.add_argument("--store-ttl", type=int, default=default.store_ttl_seconds,
                         metavar="S", help="seconds a stored compiled graph lives "
                         f"(default {default.store_ttl_seconds})")
@@ -446,7 +449,23 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
                         tls_key=getattr(args, "tls_key", None),
                         tls_client_ca=getattr(args, "tls_client_ca", None),
                         store=_store(args), store_ttl_seconds=args.store_ttl,
+                        store_secret=_store_secret(args),
                         metrics_port=args.metrics_port)
+
+
+def _store_secret(args: argparse.Namespace) -> bytes | None:
+    path = getattr(args, "store_secret_file", None)
+    if not path:
+        return None
+    try:
+        with open(path, "rb") as f:
+            secret = f.read(1 << 16).strip()
+    except OSError as e:
+        raise ServeError(f"cannot read the store secret {path!r}: {e.strerror or e}", 1) \
+            from None
+    if len(secret) < 16:
+        raise ServeError(f"the store secret in {path!r} is shorter than 16 bytes", 1)
+    return secret
 
 
 def _store(args: argparse.Namespace) -> str | None:

@@ -3,6 +3,7 @@ evaluation. No gRPC here; service.py parses requests and calls these."""
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import logging
 import math
@@ -165,7 +166,10 @@ class Compiler:
         self.store = None
         if config.store:
             self.store = RedisStore(config.store, config.store_ttl_seconds,
-                                    config.store_max_bytes)
+                                    config.store_max_bytes, secret=config.store_secret)
+            if config.store_secret is None:
+                log.warning("--store without --store-secret-file: entries are not signed, "
+                            "so Redis must be as trusted as the servers")
             self.store.on_event = lambda e: self.metrics.store.labels(e).inc()
 
     def lookup(self, handle: str) -> Entry:
@@ -193,7 +197,8 @@ class Compiler:
             return None
         try:
             spec = spec_from_proto(stored.differentiation, self.config)
-            graph = decode_graph(stored.graph, self.config)
+            graph = decode_graph(stored.graph, dataclasses.replace(
+                self.config, max_nodes=self.config.max_compiled_nodes))  # compiled sizes
             limit = self.config.max_compiled_nodes
             if limit and len(graph.nodes) > limit:
                 raise LimitExceededError("stored graph over max_compiled_nodes")

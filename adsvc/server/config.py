@@ -51,6 +51,7 @@ class ServerConfig:
     store: str | None = None  # redis://host:port/db: compiled graphs shared by replicas
     store_ttl_seconds: int = 86_400  # how long a stored compiled graph lives in the store
     store_max_bytes: int = 64 * MIB  # larger compiled graphs are not stored
+    store_secret: bytes | None = None  # signs stored entries (HMAC); the same on every replica
     metrics_port: int | None = None  # Prometheus /metrics on this HTTP port (None: off)
 
     @property
