@@ -215,3 +215,17 @@ def test_numpy_style_reshape_on_traced_values():
     g = adsvc.trace(lambda x: adsvc.sum(x.reshape(3, 2)) + adsvc.sum(x.reshape(-1)),
                     x=adsvc.f64(6))
     assert adsvc.local().evaluate(g, x=np.arange(6.0))["out"] == 30.0
+
+
+def test_a_linear_graph_is_not_refused_for_growth_it_does_not_have():
+    """x ↦ 1.5·(…(1.5·x + 1)…): derivatives of linear ops do not compound, so order 4 of a
+    2,000-node linear chain compiles within a 10,000-node limit (a nonlinear estimate
+    would have said 160,000)."""
+    from adsvc.server.compiler import Compiler, Spec
+
+    chain = hand_graph([(0, "x", [])], [(1, "constant", [], {}, to_tensor(1.5))] + [
+        (i, "mul" if i % 2 else "add", [i - 1, 1]) for i in range(2, 2_002)], [("z", 2_001)])
+    compiler = Compiler(ServerConfig(max_compiled_nodes=10_000))
+    entry, _ = compiler.compile(chain, Spec(("reverse", "forward", "reverse", "forward"),
+                                            None, True))
+    assert len(entry.graph.nodes) < 10_000

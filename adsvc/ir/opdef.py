@@ -27,6 +27,7 @@ RULE = "rule"  # JVP and VJP rules give the derivative
 ZERO = "zero"  # the derivative is identically zero (sign, stop_gradient): cuts the path
 NONE = "none"  # no derivative: no operands (constant) or a bool result (comparisons)
 DERIVATIVES = (RULE, ZERO, NONE)
+BILINEAR = "bilinear"  # OpDef.linear of a product: linear in each operand separately
 
 
 @dataclass(frozen=True)
@@ -57,6 +58,10 @@ class OpDef:
     # buffers the kernel allocates while it runs, each as large as its largest operand or
     # result (at their full, broadcast shapes): counted in the plan's peak memory
     temporaries: float = 0
+    # linear in its differentiable operands: its derivative is the same op on the tangent
+    # (or its transpose), so differentiating it adds about one node and never compounds;
+    # BILINEAR: linear in each operand (mul, matmul), so linear where one is active
+    linear: bool | str = False
     flops: Callable | None = None  # node -> arithmetic operations; None: one per element
     # Which operand elements each output element depends on: a rule of adsvc.ops.patterns
     # (node -> one boolean pattern per operand); None: the conservative "dense" fallback.

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from adsvc.ir.opdef import NONE, ZERO, OpDef, register
+from adsvc.ir.opdef import BILINEAR, NONE, ZERO, OpDef, register
 from adsvc.ops import api as A
 from adsvc.ops import patterns
 from adsvc.ops.rules import binary, float_unary, numeric_unary
@@ -63,7 +63,7 @@ def _unary(name, kernel, d, *, numeric=False, temporaries=0):
 register(OpDef("neg", 1, numeric_unary("neg"), lambda a: np.negative,
                lambda n, ts: None if ts[0] is None else A.neg(ts[0]),
                lambda n, ct: [A.neg(ct)], doc="-x; derivative -1",
-               sparsity=patterns.elementwise))
+               sparsity=patterns.elementwise, linear=True))
 _unary("exp", np.exp, lambda x, y: y)
 _unary("log", np.log, lambda x, y: A.reciprocal(x))
 _unary("log1p", np.log1p, lambda x, y: A.reciprocal(A.add(x, 1.0)))
@@ -105,10 +105,10 @@ def _ub(ct, x):
 
 register(OpDef("add", 2, binary("add", NUMERIC), lambda a: np.add, _lin_jvp(_add_jvp),
                lambda n, ct: [_ub(ct, n.inputs[0]), _ub(ct, n.inputs[1])], doc="a + b",
-               sparsity=patterns.elementwise))
+               sparsity=patterns.elementwise, linear=True))
 register(OpDef("sub", 2, binary("sub", NUMERIC), lambda a: np.subtract, _lin_jvp(_sub_jvp),
                lambda n, ct: [_ub(ct, n.inputs[0]), _ub(A.neg(ct), n.inputs[1])],
-               doc="a - b", sparsity=patterns.elementwise))
+               doc="a - b", sparsity=patterns.elementwise, linear=True))
 
 
 def _partials_jvp(partials):
@@ -131,13 +131,14 @@ def _partials_vjp(partials):
     return vjp
 
 
-def _binary_op(name, kernel, partials, doc="", numeric=False):
+def _binary_op(name, kernel, partials, doc="", numeric=False, linear=False):
     register(OpDef(name, 2, binary(name, NUMERIC if numeric else dtypes.FLOATS),
                    lambda a: kernel, _partials_jvp(partials), _partials_vjp(partials),
-                   doc=doc, sparsity=patterns.elementwise))
+                   doc=doc, sparsity=patterns.elementwise, linear=linear))
 
 
-_binary_op("mul", np.multiply, lambda n, a, b: (b, a), doc="a * b", numeric=True)
+_binary_op("mul", np.multiply, lambda n, a, b: (b, a), doc="a * b", numeric=True,
+           linear=BILINEAR)
 _binary_op("div", np.divide, lambda n, a, b: (A.reciprocal(b), A.neg(A.div(n, b))),
            doc="a / b (true division)")
 
@@ -184,7 +185,8 @@ register(OpDef(
     "mul_or_zero", 2, binary("mul_or_zero", dtypes.FLOATS), lambda a: _mul_or_zero,
     _partials_jvp(lambda n, a, b: (b, a)), _partials_vjp(lambda n, a, b: (b, a)),
     doc="a * b, but exactly 0 where either factor is 0 (0 * inf = 0): the chain-rule "
-        "product", sparsity=patterns.elementwise, temporaries=1))  # the NaN fix-up masks
+        "product", sparsity=patterns.elementwise, temporaries=1,  # the NaN fix-up masks
+    linear=BILINEAR))
 
 
 # -- comparisons and where ---------------------------------------------------------------
@@ -231,4 +233,4 @@ def _where_vjp(node, ct):
 
 register(OpDef("where", 3, _where_infer, lambda a: np.where, _where_jvp, _where_vjp,
                doc="where(cond, a, b): a where cond else b; no gradient flows to the "
-                   "untaken side", sparsity=patterns.elementwise))
+                   "untaken side", sparsity=patterns.elementwise, linear=True))

@@ -44,4 +44,4 @@ register(OpDef(
     lambda a: _cast_kernel(dtypes.to_numpy(a["dtype"])),
     _cast_jvp, _cast_vjp, {"dtype": Attr("dtype", doc="target dtype")},
     doc="convert dtype; derivative passes between float types only",
-    sparsity=patterns.elementwise))
+    sparsity=patterns.elementwise, linear=True))

@@ -137,10 +137,10 @@ register(OpDef("sum", 1, _infer("sum", NUMERIC),
                _kernel(lambda x, axis, keepdims: np.sum(x, axis=axis, keepdims=keepdims,
                                                         dtype=x.dtype)), _sum_jvp, _sum_vjp,
                dict(ATTRS), doc="sum over axes",
-               sparsity=patterns.reduction))
+               sparsity=patterns.reduction, linear=True))
 register(OpDef("mean", 1, _infer("mean", dtypes.FLOATS), _kernel(np.mean), _mean_jvp,
                _mean_vjp, dict(ATTRS), doc="mean over axes",
-               sparsity=patterns.reduction))
+               sparsity=patterns.reduction, linear=True))
 register(OpDef("max", 1, _infer("max", NUMERIC), _kernel(np.max), _ext_jvp, _ext_vjp,
                dict(ATTRS), doc="max over axes; ties share the derivative evenly",
                sparsity=patterns.reduction))

@@ -8,7 +8,7 @@ import math
 
 import numpy as np
 
-from adsvc.ir.opdef import Attr, OpDef, register
+from adsvc.ir.opdef import BILINEAR, Attr, OpDef, register
 from adsvc.ops import api as A
 from adsvc.ops import patterns
 from adsvc.ops.rules import broadcast_shapes, norm_axis, same_dtype
@@ -48,7 +48,7 @@ register(OpDef(
     lambda n, ct: [A.reshape(ct, n.inputs[0].shape)],
     {"shape": Attr("ints", doc="target shape; one entry may be -1")},
     doc="row-major reshape",  # a view when numpy can, a copy otherwise: counted as a copy
-    sparsity=patterns.index_map))
+    sparsity=patterns.index_map, linear=True))
 
 
 # -- transpose -------------------------------------------------------------------------
@@ -67,7 +67,7 @@ register(OpDef(
     _linear(lambda n, t: A.transpose(t, n.attr("perm"))),
     lambda n, ct: [A.transpose(ct, np.argsort(n.attr("perm")).tolist())],
     {"perm": Attr("ints", doc="output axis i is input axis perm[i]")},
-    doc="permute axes", view=True, sparsity=patterns.index_map))
+    doc="permute axes", view=True, sparsity=patterns.index_map, linear=True))
 
 
 # -- broadcast_to ------------------------------------------------------------------------
@@ -85,7 +85,7 @@ register(OpDef(
     _linear(lambda n, t: A.broadcast_to(t, n.shape)),
     lambda n, ct: [A.unbroadcast(ct, n.inputs[0].shape)],
     {"shape": Attr("ints", doc="target shape (numpy broadcasting)")},
-    doc="broadcast to a shape", view=True, sparsity=patterns.index_map))
+    doc="broadcast to a shape", view=True, sparsity=patterns.index_map, linear=True))
 
 
 # -- concat ----------------------------------------------------------------------------
@@ -129,7 +129,7 @@ register(OpDef(
     "concat", None, _concat_infer,
     lambda a: (lambda *xs, ax=a["axis"]: np.concatenate(xs, axis=ax)),
     _concat_jvp, _concat_vjp, {"axis": Attr("int", 0)},
-    doc="join operands along an axis", sparsity=patterns.index_map))
+    doc="join operands along an axis", sparsity=patterns.index_map, linear=True))
 
 
 # -- slice and pad -----------------------------------------------------------------------
@@ -189,7 +189,7 @@ register(OpDef(
      "stops": Attr("ints", doc="end index (exclusive) per axis"),
      "steps": Attr("ints", None, doc="stride per axis (>= 1); absent = 1")},
     doc="strided slice x[start:stop:step] on every axis", view=True,
-    sparsity=patterns.index_map))
+    sparsity=patterns.index_map, linear=True))
 
 
 def _pad_params(x, attrs):
@@ -236,7 +236,7 @@ register(OpDef(
     {"low": Attr("ints", doc="zeros before each axis"),
      "high": Attr("ints", doc="zeros after each axis"),
      "interior": Attr("ints", None, doc="zeros between elements per axis; absent = 0")},
-    doc="zero padding (the transpose of slice)", sparsity=patterns.index_map))
+    doc="zero padding (the transpose of slice)", sparsity=patterns.index_map, linear=True))
 
 
 # -- take and scatter_add ----------------------------------------------------------------
@@ -271,7 +271,7 @@ register(OpDef(
     _linear(lambda n, t: A.take(t, n.inputs[1], n.attr("axis"))), _take_vjp,
     {"axis": Attr("int", 0)},
     doc="gather x[..., indices, ...] along axis (indices in [-n, n))",
-    sparsity=patterns.gather))
+    sparsity=patterns.gather, linear=True))
 
 
 def _scatter_infer(ins, attrs):
@@ -308,7 +308,8 @@ register(OpDef(
     lambda n, ct: [A.take(ct, n.inputs[1], n.attr("axis")), None],
     {"axis": Attr("int"), "size": Attr("int", doc="length of the result along axis")},
     doc="zeros of the result shape with updates added at indices along axis (take's VJP)",
-    sparsity=patterns.scatter, temporaries=1))  # updates reshaped (copied if broadcast)
+    # temporaries: the updates reshaped (copied when they are a broadcast)
+    sparsity=patterns.scatter, temporaries=1, linear=True))
 
 
 # -- matmul ----------------------------------------------------------------------------
@@ -359,4 +360,4 @@ def _matmul_flops(node) -> int:
 
 register(OpDef("matmul", 2, _matmul_infer, lambda a: np.matmul, _matmul_jvp, _matmul_vjp,
                doc="matrix product with numpy semantics (batch broadcasting, 1-D operands)",
-               flops=_matmul_flops, sparsity=patterns.matmul))
+               flops=_matmul_flops, sparsity=patterns.matmul, linear=BILINEAR))

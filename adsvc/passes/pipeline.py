@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from adsvc.interrupt import Checker
 from adsvc.ir.graph import Graph
+from adsvc.ir.opdef import BILINEAR, OPS
 from adsvc.passes.activity import active_nodes, wrt_nodes
 from adsvc.passes.forward import jvp_graph
 from adsvc.passes.reverse import vjp_graph
@@ -49,13 +50,28 @@ GROWTH_PER_PASS = 2
 
 def estimate_nodes(graph: Graph, modes, wrt) -> int:
     """About how many nodes differentiating `graph` for `modes` gives, before building
-    anything: its nodes plus GROWTH_PER_PASS per active node and pass, compounding."""
+    anything: its nodes, plus GROWTH_PER_PASS per active nonlinear node and pass,
+    compounding (their derivatives are nonlinear again), plus one per active linear node
+    (`OpDef.linear`) and pass."""
     n = len(graph.nodes)
     if not modes:
         return n
     targets = [node for _, node in graph.outputs if dtypes.is_float(node.dtype)]
-    active = len(active_nodes(graph, wrt_nodes(graph, wrt), targets))
-    return n + active * ((1 + GROWTH_PER_PASS) ** len(modes) - 1)
+    active = active_nodes(graph, wrt_nodes(graph, wrt), targets)
+    linear = sum(1 for node in graph.nodes if id(node) in active and _linear(node, active))
+    nonlinear = len(active) - linear
+    k = len(modes)
+    return n + nonlinear * ((1 + GROWTH_PER_PASS) ** k - 1) + linear * k
+
+
+def _linear(node, active: set[int]) -> bool:
+    """Is differentiating `node` linear (OpDef.linear; a product with one active operand)?"""
+    if not node.inputs:
+        return False
+    kind = OPS[node.op].linear
+    if kind == BILINEAR:
+        return sum(1 for i in node.inputs if id(i) in active) <= 1
+    return bool(kind)
 
 
 def compile_graph(graph: Graph, modes: tuple[str, ...], wrt, seed: bool,
