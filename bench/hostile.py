@@ -2,7 +2,8 @@
 
 One server subprocess (default flags, bench/_server.py: 127.0.0.1:0, address space
 capped at 6 GB) receives, on every RPC of adsvc.v1.AutodiffService (Differentiate,
-Evaluate, Gradient, EvaluateStream, GetServerInfo), requests sent as raw bytes:
+Evaluate, Gradient, EvaluateStream, GetServerInfo, Sparsity, SparseDerivative), requests
+sent as raw bytes:
 
 - `random`: random bytes (0..2,000 of them, sometimes a valid tag prefix);
 - `truncated`: a valid serialized request (from the generator below) cut short;
@@ -19,7 +20,12 @@ Evaluate, Gradient, EvaluateStream, GetServerInfo), requests sent as raw bytes:
   lists, and wrong feeds (missing, extra, wrong dtype or shape, raw bytes of the wrong
   length, NaN); by graph or by a handle (random ones, and ones the server returned
   earlier); streams with a missing, repeated or misplaced target, garbage in the
-  middle, or no messages at all.
+  middle, or no messages at all. Sparsity and SparseDerivative get the same graphs plus
+  their own bad fields: unknown kinds (0, 3, 99), unknown modes, mode on a Hessian,
+  diagonal_only on a Jacobian, Hessians of non-scalar or several outputs, wrt naming
+  int/bool inputs, unknown, derived ("tangent:x"), repeated or output names, empty
+  graphs, graphs whose output is an input, and wide inputs (up to 50,000 elements) with
+  diagonal, banded or dense patterns (a dense one must be refused, not built).
 
 Case i is generated from `random.Random(f"{seed}:{i}")`, so `--case I` replays one
 case against a fresh server, printing its status and the server log (a case that used
@@ -60,7 +66,10 @@ from adsvc_protocol.proto import ir_pb2
 from adsvc_protocol.proto import service_pb2 as S
 
 SERVICE = "/adsvc.v1.AutodiffService/"
-RPCS = ("Differentiate", "Evaluate", "Gradient", "EvaluateStream", "GetServerInfo")
+RPCS = ("Differentiate", "Evaluate", "Gradient", "EvaluateStream", "GetServerInfo",
+        "Sparsity", "SparseDerivative")
+GRAPH_RPCS = tuple(rpc for rpc in RPCS if rpc != "GetServerInfo")
+SPARSE = ("Sparsity", "SparseDerivative")
 KINDS = (("random", 0.12), ("truncated", 0.14), ("mutated", 0.14), ("graph", 0.60))
 DTYPES = (1, 1, 1, 1, 2, 3, 4, 5)  # mostly float64
 BAD_DTYPES = (0, 6, 99, -1)
@@ -179,10 +188,11 @@ class Gen:
                           id=max(oid, 0))
         return g
 
-    def valid_graph(self) -> ir_pb2.Graph:
+    def valid_graph(self, scalar: bool = True) -> ir_pb2.Graph:
         """A well-typed float64 graph of elementwise ops, comparisons, where and
         reductions ending in a scalar sum (so it can be differentiated and evaluated):
-        the hostility is in its values (NaN/inf/huge constants and feeds)."""
+        the hostility is in its values (NaN/inf/huge constants and feeds). Not `scalar`:
+        the output is the last elementwise node instead (a Jacobian's)."""
         r = self.r
         g = ir_pb2.Graph(ir_version=1, opset_version=1)
         shape = r.choice(([], [3], [2, 3]))
@@ -221,6 +231,9 @@ class Gen:
                     "shape"].CopyFrom(ir_pb2.AttrValue(ints=ir_pb2.IntList(values=shape)))
             nodes.append((nid, shape))
             nid += 1
+        if not scalar:
+            g.outputs.add(name="out", id=nid - 1)
+            return g
         g.nodes.add(id=nid, op="sum", operands=[nid - 1])
         g.outputs.add(name="out", id=nid)
         if self.chance(0.3):
@@ -241,6 +254,8 @@ class Gen:
 
     def valid_request(self, rpc: str):
         r = self.r
+        if rpc in SPARSE:
+            return self.valid_sparse(rpc)
         g = self.valid_graph()
         order = r.choice((1, 1, 2, 3))
         if rpc == "Differentiate":
@@ -260,6 +275,123 @@ class Gen:
         target = S.EvaluateStreamRequest(target=S.StreamTarget(graph=g, differentiation=diff))
         return [target] + [S.EvaluateStreamRequest(feed=S.Feed(inputs=self.valid_feeds(
             g, forward))) for _ in range(r.randint(1, 4))]
+
+    def wide_graph(self, hessian: bool) -> ir_pb2.Graph:
+        """x of 1..50,000 elements through a diagonal (elementwise), banded (shifted
+        products) or dense (x - mean(x)) map; summed for a Hessian."""
+        r = self.r
+        n = r.choice((1, 2, 10, 300, 2000, 5000, 50_000))
+        g = ir_pb2.Graph(ir_version=1, opset_version=1)
+        g.inputs.add(id=0, name="x", type=ir_pb2.TensorType(dtype=1, dims=[n]))
+        shape = r.random()
+        if shape < 0.4 or n < 2:
+            g.nodes.add(id=1, op=r.choice(UNARY), operands=[0])
+            top = 1
+        elif shape < 0.75:
+
+            def sliced(nid, lo, hi):
+                n = g.nodes.add(id=nid, op="slice", operands=[0])
+                for key, v in (("starts", lo), ("stops", hi)):
+                    n.attrs[key].CopyFrom(ir_pb2.AttrValue(ints=ir_pb2.IntList(values=[v])))
+            sliced(1, 1, n)
+            sliced(2, 0, n - 1)
+            g.nodes.add(id=3, op="mul", operands=[1, 2])
+            g.nodes.add(id=4, op="sin", operands=[3])
+            top = 4
+        else:
+            g.nodes.add(id=1, op="mean", operands=[0]).attrs["keepdims"].CopyFrom(
+                ir_pb2.AttrValue(b=True))
+            g.nodes.add(id=2, op="sub", operands=[0, 1])
+            g.nodes.add(id=3, op="square", operands=[2])
+            top = 3
+        if hessian:
+            g.nodes.add(id=top + 1, op="sum", operands=[top])
+            top += 1
+        g.outputs.add(name="out", id=top)
+        return g
+
+    def sparse_graph(self, hessian: bool) -> ir_pb2.Graph:
+        """A graph for a sparsity RPC: well-typed (scalar or not), wide, or degenerate."""
+        r = self.r
+        pick = r.random()
+        if pick < 0.55:
+            g = self.valid_graph(scalar=hessian if self.chance(0.85) else not hessian)
+        elif pick < 0.8:
+            g = self.wide_graph(hessian if self.chance(0.9) else not hessian)
+        elif pick < 0.88:  # empty, no outputs, or no nodes at all
+            g = self.valid_graph() if self.chance(0.5) else ir_pb2.Graph(ir_version=1,
+                                                                        opset_version=1)
+            del g.outputs[:]
+            if self.chance(0.5):
+                del g.nodes[:]
+        else:  # the output is an input, or an int/bool function, or a constant
+            g = ir_pb2.Graph(ir_version=1, opset_version=1)
+            dt = r.choice((1, 1, 2, 3, 4, 5))
+            g.inputs.add(id=0, name="x", type=ir_pb2.TensorType(dtype=dt, dims=r.choice((
+                [], [3]))))
+            if self.chance(0.5):
+                g.nodes.add(id=1, op="constant").value.CopyFrom(ir_pb2.Tensor(
+                    dtype=1, dims=[], values=[r.choice(VALUES)]))
+            g.outputs.add(name="out", id=r.choice((0, 0, 1)) if len(g.nodes) else 0)
+        if self.chance(0.25):  # an int or bool input nobody uses (wrt may name it)
+            g.inputs.add(id=max([-1] + [i.id for i in g.inputs] + [n.id for n in g.nodes]) + 1,
+                         name="n", type=ir_pb2.TensorType(dtype=r.choice((3, 4, 5)),
+                                                          dims=[3]))
+        return g
+
+    def sparse_wrt(self, g: ir_pb2.Graph) -> list[str]:
+        r = self.r
+        if self.chance(0.6):
+            return []
+        names = [i.name for i in g.inputs]
+        pool = names + ["n", "nope", "", "tangent:x", "grad:x", "out", "0", "1", "v",
+                        "x" * 65536]
+        out = [r.choice(pool) for _ in range(r.randint(1, 4))]
+        if self.chance(0.2) and out:
+            out.append(out[0])  # repeated
+        return out
+
+    def sparse_feeds(self, g: ir_pb2.Graph) -> dict[str, ir_pb2.Tensor]:
+        """Valid float64 feeds for the float inputs (wide ones: with one value), mostly;
+        else the generic hostile ones."""
+        if self.chance(0.25):
+            return self.feeds(g)
+        out = {}
+        for i in g.inputs:
+            size = 1
+            for d in i.type.dims:
+                size *= d
+            if i.type.dtype == 1:
+                out[i.name] = ir_pb2.Tensor(dtype=1, dims=list(i.type.dims), values=[
+                    self.r.choice(VALUES) for _ in range(min(size, 50))] * (
+                    size // min(size, 50) if size else 0))
+                del out[i.name].values[size:]
+                while len(out[i.name].values) < size:
+                    out[i.name].values.append(0.5)
+            elif self.chance(0.7):  # int/bool: valid values
+                out[i.name] = ir_pb2.Tensor(dtype=i.type.dtype, dims=list(i.type.dims),
+                                            values=[1.0] * size)
+            else:
+                out[i.name] = self.tensor(i.type.dtype, list(i.type.dims))
+        if self.chance(0.05):
+            out[self.r.choice(("tangent:x", "grad:x", "nope"))] = self.tensor(1, [3])
+        return out
+
+    def valid_sparse(self, rpc: str):
+        """A Sparsity/SparseDerivative request: a sensible graph, and mostly sensible
+        fields, with the fields these RPCs check broken now and then."""
+        r = self.r
+        kind = r.choice((1, 2)) if self.chance(0.9) else r.choice((0, 3, 99, -1))
+        g = self.sparse_graph(kind == 2)
+        wrt = self.sparse_wrt(g)
+        if rpc == "Sparsity":
+            return S.SparsityRequest(graph=g, kind=kind, wrt=wrt)
+        m = S.SparseDerivativeRequest(graph=g, kind=kind, wrt=wrt, inputs=self.sparse_feeds(g))
+        if kind == 1 and self.chance(0.6) or self.chance(0.1):
+            m.mode = r.choice((0, 1, 2)) if self.chance(0.9) else r.choice((3, 99, -1))
+        if kind == 2 and self.chance(0.4) or self.chance(0.1):
+            m.diagonal_only = True
+        return m
 
     def operands(self, op: str, nid: int) -> list[int]:
         r = self.r
@@ -351,6 +483,19 @@ class Gen:
             return m
         if rpc == "EvaluateStream":
             return self.stream(g)
+        r = self.r
+        if rpc == "Sparsity":
+            return S.SparsityRequest(graph=g, kind=r.choice((0, 1, 1, 2, 2, 3)),
+                                     wrt=self.sparse_wrt(g))
+        if rpc == "SparseDerivative":
+            m = S.SparseDerivativeRequest(graph=g, kind=r.choice((0, 1, 1, 2, 2, 3)),
+                                          wrt=self.sparse_wrt(g), inputs=self.feeds(g),
+                                          diagonal_only=self.chance(0.2))
+            if self.chance(0.3):
+                m.mode = r.choice((0, 1, 2, 3))
+            if self.chance(0.03):
+                m.ClearField("graph")  # graph is required
+            return m
         return S.GetServerInfoRequest()
 
     def stream(self, g: ir_pb2.Graph) -> list:
@@ -401,13 +546,14 @@ def make_case(seed: int, i: int, ops: dict, handles: list[str]):
     """(kind, rpc, payload): bytes, or a list of bytes for EvaluateStream."""
     r = random.Random(f"{seed}:{i}")
     kind = r.choices([k for k, _ in KINDS], [w for _, w in KINDS])[0]
-    rpc = r.choice(RPCS) if kind != "graph" else r.choice(RPCS[:4] * 6 + RPCS[4:])
+    rpc = r.choice(RPCS) if kind != "graph" else r.choice(GRAPH_RPCS * 6 + ("GetServerInfo",))
     if kind == "random":
         payload = [random_bytes(r) for _ in range(r.randint(0, 3))] \
             if rpc == "EvaluateStream" else random_bytes(r)
         return kind, rpc, payload
     # GetServerInfo's own request is empty: cut or mutate another RPC's request for it
-    source = rpc if rpc != "GetServerInfo" or kind == "graph" else r.choice(RPCS[:3])
+    source = rpc if rpc != "GetServerInfo" or kind == "graph" else r.choice(
+        RPCS[:3] + SPARSE)
     req = Gen(r, ops, handles).request(source)
     if rpc == "EvaluateStream":
         payload = [m.SerializeToString() for m in req]
