@@ -297,3 +297,19 @@ def test_vector_mode_sweeps_equal_one_sweep_per_color():
     np.testing.assert_array_equal(vector.hessian_diag(hg, x=x)["x"],
                                   single.hessian_diag(hg, x=x)["x"])
     assert any(len(k) == 5 and k[1] == "sweeps" for k in vector.cache._items)
+
+
+def test_a_dense_pattern_gets_the_trivial_coloring_without_an_intersection_graph():
+    """x - mean(x) is dense: every column needs its own color, found from the full rows
+    (networkx would hold the 2M-edge intersection graph of 2000 columns: ~1 GB)."""
+    g = ad.trace(lambda x: ad.square(x - ad.mean(x, keepdims=True)),
+                    x=ad.f64(2000))
+    built = []
+    real = coloring.column_coloring
+    coloring.column_coloring = lambda p: built.append(p.shape) or real(p)
+    try:
+        s = ad.local().sparsity(g)
+    finally:
+        coloring.column_coloring = real
+    assert not built
+    assert s.colors()["forward"] == s.colors()["reverse"] == 2000

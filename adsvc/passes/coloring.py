@@ -77,6 +77,13 @@ def _bounded_column_coloring(p: sp.csr_matrix, beat: int | None) -> np.ndarray:
     row_nnz = np.diff(p.indptr)
     lower = int(row_nnz.max()) if row_nnz.size else 0
     edges = int((row_nnz.astype(np.int64) ** 2).sum())  # an upper bound, before merging
+    n = p.shape[1]
+    if lower >= n:  # a full row: every column needs its own color anyway
+        return trivial_coloring(n)
+    if edges > n * n // 4 and (p.T @ p).nnz > n * n // 4:
+        # a dense intersection graph: coloring cannot gain much, and networkx would hold
+        # a few hundred bytes per edge (a dense 2000-column pattern took ~1 GB and 40 s)
+        return trivial_coloring(n)
     if (beat is not None and lower > beat) or edges > 2 * MAX_EDGES and \
             (p.T @ p).nnz > 2 * MAX_EDGES:
         return trivial_coloring(p.shape[1])
