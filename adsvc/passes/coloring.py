@@ -36,6 +36,7 @@ import scipy.sparse as sp
 
 STRATEGY = "largest_first"  # networkx greedy_color ordering (banded: optimal colors)
 MAX_EDGES = 4_000_000  # intersection graphs beyond this get the trivial coloring
+DENSE_FROM = 512  # columns from which a dense (> 1/4 full) intersection graph is not built
 
 
 def adjacency_graph(m: sp.spmatrix) -> nx.Graph:
@@ -80,7 +81,7 @@ def _bounded_column_coloring(p: sp.csr_matrix, beat: int | None) -> np.ndarray:
     n = p.shape[1]
     if lower >= n:  # a full row: every column needs its own color anyway
         return trivial_coloring(n)
-    if edges > n * n // 4 and (p.T @ p).nnz > n * n // 4:
+    if n >= DENSE_FROM and edges > n * n // 4 and (p.T @ p).nnz > n * n // 4:
         # a dense intersection graph: coloring cannot gain much, and networkx would hold
         # a few hundred bytes per edge (a dense 2000-column pattern took ~1 GB and 40 s)
         return trivial_coloring(n)
