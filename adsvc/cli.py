@@ -49,6 +49,7 @@ from adsvc_protocol.errors import (
 from adsvc_protocol.feeds import convert_feed
 from adsvc_protocol.modes import normalize_modes
 from adsvc_protocol.recipes import ordered, scalar_output
+from adsvc_protocol.secrets import read_secret_file
 
 USAGE_ERROR = 2
 RUN_ERROR = 1
@@ -57,7 +58,6 @@ MAX_FILE_BYTES_ENV = "ADSVC_MAX_FILE_BYTES"  # default of --max-file-bytes
 TOKEN_ENV = "ADSVC_TOKEN"  # the bearer token for --server (or --token-file)
 MAX_ORDER = 8  # --order / modes: derivative graphs grow exponentially with the order
 MAX_TIMEOUT = 10**7  # seconds; gRPC overflows far above this (and then expires at once)
-MAX_TOKEN_FILE_BYTES = 64 * 1024
 MAX_ECHO = 60  # characters of a user's value echoed in a message
 MAX_PATH = 500  # characters of a path echoed in a message
 MAX_MESSAGE = 2000  # characters of an error line
@@ -397,24 +397,9 @@ def _token_option(args) -> str | None:
 
 
 def read_token_file(path: str) -> str:
-    """The first line of the file `path`, stripped (at most MAX_TOKEN_FILE_BYTES are
-    read: the file may be a pipe, never a device)."""
-    _check_readable("--token-file", path)
-    try:
-        with open(path, "rb") as f:
-            data = f.read(MAX_TOKEN_FILE_BYTES + 1)
-    except OSError as e:
-        raise CLIError(f"cannot read --token-file {clip(path, MAX_PATH)}: {e.strerror or e}"
-                       ) from None
-    line, newline, _ = data.partition(b"\n")
-    if not newline and len(data) > MAX_TOKEN_FILE_BYTES:
-        raise CLIError(f"--token-file {clip(path, MAX_PATH)}: the first line is longer than "
-                       f"{MAX_TOKEN_FILE_BYTES:,} bytes")
-    try:
-        return line.decode("ascii").strip()
-    except UnicodeDecodeError:
-        raise CLIError(f"--token-file {clip(path, MAX_PATH)}: the token must be printable ASCII"
-                       ) from None
+    """The first line of the file `path`, stripped (the shared secret-file rule: at most
+    MAX_SECRET_FILE_BYTES are read; a pipe, never a device)."""
+    return read_secret_file(path, "--token-file", CLIError)
 
 
 def make_client(args, options: dict[str, Any] | None = None):

@@ -9,7 +9,7 @@ from adsvc.ir.codec import as_graph
 from adsvc.passes.pipeline import compile_graph, signature
 from adsvc.passes.sparsity import sparsity
 from adsvc.passes.sweeps import sweeps_graph
-from adsvc.runtime.cost import memory_fraction
+from adsvc.runtime.cost import held_bytes, memory_fraction
 from adsvc.runtime.plan import Plan
 from adsvc_protocol.client import ClientBase, Compiled
 from adsvc_protocol.errors import DeadlineExceededError, LimitExceededError
@@ -41,13 +41,14 @@ PATTERN_ENTRY_BYTES = 16
 
 class LocalClient(ClientBase):
     """Compiles and evaluates in this process; compiled plans are cached (LRU, bounded
-    by entries and by compiled nodes). An evaluation whose planned peak of live values
+    by entries, by bytes held — `max_cache_bytes`, default 1 GiB — and, optionally, by
+    compiled nodes). An evaluation whose planned peak of live values
     is over `max_eval_bytes` (default: half of this machine's memory; 0: no limit) is
     refused before it runs, as the server refuses it."""
 
     def __init__(self, cache_size: int = 128, max_cache_nodes: int = 0,
-                 max_eval_bytes: int | None = None):
-        self.cache = LRUCache(cache_size, max_cache_nodes)
+                 max_eval_bytes: int | None = None, max_cache_bytes: int = 1 << 30):
+        self.cache = LRUCache(cache_size, (max_cache_bytes, max_cache_nodes))
         self.max_eval_bytes = memory_fraction(0.5) if max_eval_bytes is None \
             else max_eval_bytes
 
@@ -70,7 +71,7 @@ class LocalClient(ClientBase):
         out = build()
         ins, outs = signature(out)
         compiled = Compiled(Plan(out), ins, outs, out)
-        self.cache.put(key, compiled, weight=len(out.nodes))
+        self.cache.put(key, compiled, weight=(held_bytes(out), len(out.nodes)))
         return compiled
 
     def _run(self, compiled, feeds, timeout):
@@ -99,8 +100,9 @@ class LocalClient(ClientBase):
 
 
 def local(cache_size: int = 128, max_cache_nodes: int = 0,
-          max_eval_bytes: int | None = None) -> LocalClient:
-    """An in-process client (the embedded default). `cache_size` compiled graphs are
-    kept, and at most `max_cache_nodes` compiled nodes in total (0: no node bound);
-    `max_eval_bytes` bounds one evaluation's planned peak memory (see LocalClient)."""
-    return LocalClient(cache_size, max_cache_nodes, max_eval_bytes)
+          max_eval_bytes: int | None = None, max_cache_bytes: int = 1 << 30) -> LocalClient:
+    """An in-process client (the embedded default): `cache_size` compiled graphs are
+    kept, holding at most `max_cache_bytes` (and `max_cache_nodes` compiled nodes; 0: no
+    node bound); `max_eval_bytes` bounds one evaluation's planned peak memory (see
+    LocalClient)."""
+    return LocalClient(cache_size, max_cache_nodes, max_eval_bytes, max_cache_bytes)

@@ -229,3 +229,22 @@ def test_a_linear_graph_is_not_refused_for_growth_it_does_not_have():
     entry, _ = compiler.compile(chain, Spec(("reverse", "forward", "reverse", "forward"),
                                             None, True))
     assert len(entry.graph.nodes) < 10_000
+
+
+def test_client_caches_are_bounded_by_bytes():
+    """The in-process client weighs compiled graphs by the bytes they hold (constants
+    included); the SDK by the graph it keeps for re-sending."""
+    c = adsvc.local(max_cache_bytes=20 * MIB)
+    for i in range(6):  # each holds an 8 MB constant
+        g = adsvc.trace(lambda x, i=i: adsvc.sum(x * np.full(1_000_000, float(i))),
+                        x=adsvc.f64(1_000_000))
+        c.evaluate(g, x=np.ones(1_000_000))
+    held, _ = c.cache.weight
+    assert held <= 20 * MIB and len(c.cache) == 2
+    with running_server() as (_, target), \
+            adsvc.connect(target, timeout=60, max_cache_bytes=20 * MIB) as remote:
+        for i in range(4):
+            g = adsvc.trace(lambda x, i=i: adsvc.sum(x * np.full(1_000_000, float(i))),
+                            x=adsvc.f64(1_000_000))
+            remote.evaluate(g, x=np.ones(1_000_000))
+        assert remote.cache.weight <= 20 * MIB and len(remote.cache) < 4  # not all 4 kept

@@ -18,8 +18,7 @@ from __future__ import annotations
 import math
 import os
 import time
-from dataclasses import dataclass
-from functools import cache
+from functools import cache, cached_property
 
 import numpy as np
 
@@ -83,33 +82,52 @@ def memory_fraction(fraction: float, fallback: int = 4 << 30) -> int:
     return int(total * fraction) if total > 0 else fallback
 
 
+NODE_BYTES = 800  # a compiled node with its plan step and bound kernel (measured ~730)
+
+
+def held_bytes(graph) -> int:
+    """Bytes a compiled, planned graph holds: NODE_BYTES per node (node, plan step,
+    kernel) plus constants' data and names/labels — what caches weigh it by."""
+    return sum(NODE_BYTES + (nbytes(n) if n.op == "constant"
+                             else len(n.label) + len(n.name or "")) for n in graph.nodes)
+
+
 def nbytes(node) -> int:
     """Bytes of `node`'s value."""
     return math.prod(node.shape) * np.dtype(dtypes.to_numpy(node.dtype)).itemsize
 
 
-def operations(node) -> tuple[int, float]:
-    """(operations, estimated seconds) of one step computing `node`."""
-    per_elem, per_flop = calibration()
+def operations(node) -> tuple[int, int]:
+    """(elementwise operations, matmul flops) of one step computing `node` (a view: none)."""
     op = OPS[node.op]
     if op.view:
-        return 0, 0.0
+        return 0, 0
     if op.flops is not None:
-        n = op.flops(node)
-        return n, n * per_flop
-    n = node.size + sum(i.size for i in node.inputs)
-    return n, n * per_elem
+        return 0, op.flops(node)
+    return node.size + sum(i.size for i in node.inputs), 0
 
 
-@dataclass(frozen=True)
 class Cost:
-    """The figures of a plan (see the module docstring)."""
+    """The figures of a plan (see the module docstring). The seconds are worked out on
+    first use: only deadline checks and log lines need the machine's calibration."""
 
-    peak_bytes: int  # most bytes of values alive at once, plus the largest allocation
-    largest_bytes: int  # the largest single result
-    operations: int  # arithmetic operations (flops; one per element where not declared)
-    seconds: float  # estimated total
-    steps: tuple[float, ...]  # estimated seconds of each step
+    def __init__(self, peak_bytes: int, largest_bytes: int,
+                 per_step: list[tuple[int, int]]):
+        self.peak_bytes = peak_bytes  # bytes alive at once at most, + the largest value
+        self.largest_bytes = largest_bytes  # the largest single result
+        self._per_step = per_step  # (elementwise operations, flops) of each step
+        self.operations = sum(e + f for e, f in per_step)  # arithmetic operations
+
+    @cached_property
+    def steps(self) -> tuple[float, ...]:
+        """Estimated seconds of each step."""
+        per_elem, per_flop = calibration()
+        return tuple(e * per_elem + f * per_flop for e, f in self._per_step)
+
+    @cached_property
+    def seconds(self) -> float:
+        """Estimated seconds of the whole evaluation."""
+        return sum(self.steps)
 
 
 def _temporary_bytes(node) -> int:
@@ -126,12 +144,11 @@ def plan_cost(nodes, steps, keep: set[int], check=None) -> Cost:
     owner = {}  # slot -> the slot whose memory it holds (itself, or a view's base)
     refs: dict[int, int] = {}
     live = 0
-    for s, n in enumerate(nodes):
+    for slot, n in enumerate(nodes):
         if n.op in ("input", "constant"):
-            owner[s], refs[s] = s, 1 << 60  # held for the whole run
+            owner[slot], refs[slot] = slot, 1 << 60  # held for the whole run
             live += nbytes(n)
-    peak, largest, ops = live, 0, 0
-    secs = []
+    peak, largest, per_step = live, 0, []
     for k, (ins, out, frees, node) in enumerate(steps):
         if check is not None and k % CHECK_EVERY == 0:
             check()
@@ -143,12 +160,10 @@ def plan_cost(nodes, steps, keep: set[int], check=None) -> Cost:
             live += nbytes(node)
             largest = max(largest, nbytes(node))
         peak = max(peak, live + _temporary_bytes(node))
-        n, s = operations(node)
-        ops += n
-        secs.append(s)
-        for s in frees:
-            o = owner[s]
+        per_step.append(operations(node))
+        for slot in frees:
+            o = owner[slot]
             refs[o] -= 1
             if refs[o] == 0 and o not in keep:
                 live -= nbytes(nodes[o])
-    return Cost(peak + largest, largest, ops, sum(secs), tuple(secs))
+    return Cost(peak + largest, largest, per_step)

@@ -26,6 +26,7 @@ from adsvc.server import tls
 from adsvc.server.config import ServerConfig
 from adsvc.server.service import AutodiffServicer, add_to_server, limit_heap_arenas
 from adsvc_protocol.proto import service_pb2
+from adsvc_protocol.secrets import read_secret_file
 
 log = logging.getLogger("adsvc.server")
 SERVICE_NAME = service_pb2.DESCRIPTOR.services_by_name["AutodiffService"].full_name
@@ -427,12 +428,7 @@ def _token(args: argparse.Namespace) -> str | None:
         raise ServeError("give --token or --token-file, not both")
     if not path:
         return args.token or os.environ.get("ADSVC_TOKEN") or None
-    try:
-        with open(path, encoding="utf-8") as f:
-            token = f.readline().strip()
-    except (OSError, UnicodeDecodeError) as e:
-        raise ServeError(f"cannot read the token file {path!r}: "
-                         f"{getattr(e, 'strerror', None) or e}", 1) from None
+    token = read_secret_file(path, "--token-file", lambda m: ServeError(m, 1))
     if not token:
         raise ServeError(f"the token file {path!r} is empty: its first line is the token", 1)
     return token
@@ -457,15 +453,10 @@ def _store_secret(args: argparse.Namespace) -> bytes | None:
     path = getattr(args, "store_secret_file", None)
     if not path:
         return None
-    try:
-        with open(path, "rb") as f:
-            secret = f.read(1 << 16).strip()
-    except OSError as e:
-        raise ServeError(f"cannot read the store secret {path!r}: {e.strerror or e}", 1) \
-            from None
+    secret = read_secret_file(path, "--store-secret-file", lambda m: ServeError(m, 1))
     if len(secret) < 16:
         raise ServeError(f"the store secret in {path!r} is shorter than 16 bytes", 1)
-    return secret
+    return secret.encode()
 
 
 def _store(args: argparse.Namespace) -> str | None:

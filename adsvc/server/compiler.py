@@ -18,7 +18,7 @@ from adsvc.ir.graph import Graph
 from adsvc.ir.node import nodes_created
 from adsvc.passes.pipeline import compile_graph, estimate_nodes, signature
 from adsvc.passes.sparsity import sparsity
-from adsvc.runtime.cost import nbytes
+from adsvc.runtime.cost import held_bytes
 from adsvc.runtime.plan import Plan
 from adsvc.server.config import ServerConfig
 from adsvc.server.metrics import Metrics
@@ -39,7 +39,6 @@ from adsvc_protocol.sparse import HESSIAN, Sparsity
 from adsvc_protocol.tensors import from_tensor, to_tensor
 
 log = logging.getLogger("adsvc.server")
-NODE_BYTES = 800  # a compiled node with its plan step and bound kernel (measured ~730)
 
 
 @dataclass(frozen=True)
@@ -85,23 +84,13 @@ class Entry:
     def weight(self) -> tuple[int, int]:
         """(bytes, nodes) this entry holds in the cache: nodes, plan steps and kernels at
         NODE_BYTES each, plus constants' data and names/labels."""
-        nodes = self.graph.nodes
-        extra = sum(nbytes(n) if n.op == "constant" else len(n.label) + len(n.name or "")
-                    for n in nodes)
-        extra += sum(sparsity_bytes(s) for s in self.sparsity.values())
-        return len(nodes) * NODE_BYTES + extra, len(nodes)
+        extra = sum(s.nbytes for s in self.sparsity.values())
+        return held_bytes(self.graph) + extra, len(self.graph.nodes)
 
     def output_bytes(self) -> int:
         """A lower bound of the encoded size of all outputs: their raw data alone."""
         return sum(math.prod(int(d) for d in shape) * np.dtype(to_numpy(dt)).itemsize
                    for dt, shape in self.outputs.values())
-
-
-def sparsity_bytes(s: Sparsity) -> int:
-    """What a cached pattern holds: its CSR arrays, colorings and recovery indices."""
-    p = s.pattern
-    return (p.data.nbytes + p.indices.nbytes + p.indptr.nbytes + 8 * len(s.colorings) * p.nnz
-            + sum(c.nbytes for c in s.colorings.values()))
 
 
 def spec_from_proto(d: service_pb2.Differentiation, config: ServerConfig,

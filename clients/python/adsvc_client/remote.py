@@ -40,6 +40,7 @@ from adsvc_protocol.graphs import PROTOS, GraphCodec
 from adsvc_protocol.lru import LRUCache
 from adsvc_protocol.modes import TO_ENUM
 from adsvc_protocol.proto import ir_pb2, service_pb2, service_pb2_grpc
+from adsvc_protocol.secrets import read_secret_file
 from adsvc_protocol.tensors import dtype_from_enum, from_tensor, to_tensor
 
 SERVICE = "adsvc.v1.AutodiffService"
@@ -107,17 +108,10 @@ class Retry:
         return e
 
 
-MAX_SECRET_FILE = 1 << 20  # bytes read at most from a token or TLS file
-
-
 def _read_token(path: str) -> str:
-    """The first line of a token file, stripped; UsageError if unreadable or empty."""
-    try:
-        with open(path, encoding="utf-8") as f:  # a bounded read: never a device's stream
-            token = f.readline(MAX_SECRET_FILE).strip()
-    except (OSError, UnicodeDecodeError) as e:
-        raise E.UsageError(f"cannot read the token file {path!r}: "
-                           f"{getattr(e, 'strerror', None) or e}", field="token_file") from None
+    """The token in `token_file` (the shared secret-file rule); UsageError if unusable."""
+    token = read_secret_file(path, "token_file",
+                             lambda m: E.UsageError(m, field="token_file"))
     if not token:
         raise E.UsageError(f"the token file {path!r} is empty: its first line is the token",
                            field="token_file")
@@ -160,7 +154,9 @@ class RemoteClient(ClientBase):
     file, with a client certificate (mTLS) and a server-name override; `credentials`
     (any `grpc.ChannelCredentials`) instead of `tls`. UNAVAILABLE is retried for up to
     `retry_seconds` (0: never; see the module docstring). `max_message_bytes` bounds
-    sent and received messages; `options` are extra gRPC channel options.
+    sent and received messages; `options` are extra gRPC channel options. At most
+    `cache_size` compiled handles (and patterns) are kept, holding at most
+    `max_cache_bytes` of graphs and patterns in all.
     """
 
     def __init__(self, target: str, *, timeout: float | None = None, token: str | None = None,
@@ -168,7 +164,8 @@ class RemoteClient(ClientBase):
                  credentials: grpc.ChannelCredentials | None = None,
                  retry_seconds: float = DEFAULT_RETRY_SECONDS,
                  max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES, options=(),
-                 cache_size: int = 128, graphs: GraphCodec = PROTOS):
+                 cache_size: int = 128, max_cache_bytes: int = 256 << 20,
+                 graphs: GraphCodec = PROTOS):
         if token and token_file:
             raise E.UsageError("give token= or token_file=, not both", field="token_file")
         if not retry_seconds >= 0:
@@ -189,7 +186,8 @@ class RemoteClient(ClientBase):
                          if secure is not None
                          else grpc.insecure_channel(target, options=opts))
         self._stub = service_pb2_grpc.AutodiffServiceStub(self._channel)
-        self.cache = LRUCache(cache_size)
+        # what a cached entry holds: the graph kept for re-sending, or a sparsity pattern
+        self.cache = LRUCache(cache_size, max_cache_bytes)
         self._stream_feeds: int | None = None  # the server's max_stream_feeds, once known
 
     # -- plumbing ----------------------------------------------------------------------
@@ -244,7 +242,7 @@ class RemoteClient(ClientBase):
         resp = self._differentiate(graph, diff, True, timeout)
         compiled = Compiled(RemoteHandle(resp.handle, graph, diff),
                             _signature(resp.inputs), _signature(resp.outputs))
-        self.cache.put(key, compiled)
+        self.cache.put(key, compiled, weight=graph.ByteSize())
         return compiled
 
     def _sparsity(self, g, kind, wrt, timeout) -> sparse.Sparsity:
@@ -258,7 +256,7 @@ class RemoteClient(ClientBase):
             graph=self.graphs.encode(g), kind=sparse.KIND_TO_ENUM[kind], wrt=list(wrt or ())),
             timeout)
         found = sparse.from_proto(resp)
-        self.cache.put(key, found)
+        self.cache.put(key, found, weight=found.nbytes)
         return found
 
     def _graph(self, compiled, timeout):

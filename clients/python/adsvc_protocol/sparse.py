@@ -73,6 +73,14 @@ class Sparsity:
     colorings: dict[str, np.ndarray] = field(default_factory=dict)
 
     @property
+    def nbytes(self) -> int:
+        """What a cached pattern holds: its CSR arrays, colorings and recovery indices."""
+        p = self.pattern
+        return (p.data.nbytes + p.indices.nbytes + p.indptr.nbytes
+                + 8 * len(self.colorings) * p.nnz
+                + sum(c.nbytes for c in self.colorings.values()))
+
+    @property
     def nnz(self) -> int:
         """The number of structural nonzeros."""
         return int(self.pattern.nnz)
