@@ -22,6 +22,7 @@ from adsvc.ops.api import (
     cos,
     div,
     dot,
+    element,
     eq,
     exp,
     expm1,
@@ -73,6 +74,7 @@ from adsvc.ops.api import (
     zeros,
     zeros_like,
 )
+from adsvc.passes.control import cond, fori_loop, scan, switch, while_loop
 from adsvc.passes.inline import call
 from adsvc.passes.pipeline import differentiate
 from adsvc.passes.transforms import grad, hessian, jacobian, jvp, value_and_grad, vjp
@@ -95,10 +97,12 @@ __all__ = [
     "i32", "i64", "local", "to_proto", "trace",
     # function transformations that work inside traces, and calling graphs
     "call", "grad", "hessian", "jacobian", "jvp", "value_and_grad", "vjp",
+    # control flow inside traces
+    "cond", "fori_loop", "scan", "switch", "while_loop",
     # array constructors
     "full", "ones", "ones_like", "zeros", "zeros_like",
     # the op builders and composites of adsvc.ops.api
-    "abs", "add", "broadcast_to", "cast", "concat", "cos", "div", "dot", "eq", "exp",
+    "abs", "add", "broadcast_to", "cast", "concat", "cos", "div", "dot", "element", "eq", "exp",
     "expm1", "ge", "gt", "le", "log", "log1p", "log_softmax", "logsumexp", "lt", "matmul",
     "max", "maximum", "mean", "min", "minimum", "mul", "mul_or_zero", "ne", "neg", "norm",
     "pad", "pow", "reciprocal", "relu", "reshape", "scatter_add", "sigmoid", "sign", "sin",

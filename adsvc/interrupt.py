@@ -10,7 +10,9 @@ started.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
 
 CHECK_EVERY = 256  # nodes or steps between checks
 CHECK_SECONDS = 0.01  # estimated seconds of evaluation between checks
@@ -21,3 +23,38 @@ CHECK_SECONDS = 0.01  # estimated seconds of evaluation between checks
 REFUSE_MARGIN = 3.0
 Checker = Callable[[], None] | None
 Interrupt = Callable[..., None]  # interrupt(steps: int = 0, upcoming: float = 0.0)
+
+
+# Loops run many iterations inside one evaluation step: the evaluator makes its
+# interrupt reachable from their kernels for the length of a run.
+_ACTIVE: ContextVar[Interrupt | None] = ContextVar("adsvc_interrupt", default=None)
+
+
+@contextmanager
+def interrupting(interrupt: Interrupt | None) -> Iterator[None]:
+    """Make `interrupt` the one loop kernels call (see `loop_checker`) inside the block."""
+    token = _ACTIVE.set(interrupt)
+    try:
+        yield
+    finally:
+        _ACTIVE.reset(token)
+
+
+def loop_checker(body) -> Callable[[], None] | None:
+    """For a loop kernel about to run `body` (a plan with an estimated `seconds` per
+    run): a function to call after each iteration, which calls the active interrupt every
+    CHECK_EVERY iterations or about CHECK_SECONDS of estimated work; None when no
+    interrupt is active."""
+    interrupt = _ACTIVE.get()
+    if interrupt is None:
+        return None
+    seconds = body.seconds
+    state = [0, 0.0]
+
+    def tick() -> None:
+        state[0] += 1
+        state[1] += seconds
+        if state[0] % CHECK_EVERY == 0 or state[1] >= CHECK_SECONDS:
+            state[1] = 0.0
+            interrupt(steps=state[0], upcoming=seconds)
+    return tick

@@ -108,3 +108,23 @@ case("stop_gradient", {"x": _SG}, lambda x: x * ad.stop_gradient(x),
 # float casts are checked in test_derivatives.py with float32 tolerances.)
 case("cast", {"x": R(4, lo=0.1, hi=3.9)},
      lambda x: x * ad.cast(ad.cast(x, "int64"), "float64"), f64_only=True)
+
+
+# Control flow (bodies are graphs; their derivatives are passes over the bodies).
+def _scan_case(x, w):
+    def step(c, row):
+        h = ad.tanh(c * row + 0.5 * x)  # reads x from the enclosing trace: a const operand
+        return h, ad.sum(h * h)
+    final, ys = ad.scan(step, x, w)
+    return final * ad.sum(ys)
+
+
+case("scan", {"x": R(3), "w": R(4, 3)}, _scan_case)
+case("element", {"x": R(3), "w": R(4, 3)}, _scan_case)
+case("while_loop", {"x": R(3), "s": P()},
+     lambda x, s: ad.while_loop(lambda c: c[0] < 3, lambda c: (c[0] + 1, ad.sin(c[1]) * s),
+                                (0, x), max_iters=10)[1])
+case("cond", {"a": P(3), "b": R(3)},
+     lambda a, b: ad.cond(ad.sum(a) > 1.0, lambda u, v: u * v * v, lambda u, v: ad.exp(u) - v,
+                          a, b)
+     + ad.cond(ad.sum(a) < 1.0, lambda u: u * 2.0, lambda u: ad.sin(u) * a, b))

@@ -40,8 +40,12 @@ from adsvc_protocol.graphs import GraphCodec, proto_key
 from adsvc_protocol.proto import ir_pb2
 from adsvc_protocol.tensors import TO_ENUM, dtype_from_enum, from_tensor, to_tensor
 
-IR_VERSION = 1  # the Graph message layout this reader and writer know
-OPSET_VERSION = 1  # the op names, attributes and semantics of the op table
+IR_VERSION = 2  # the newest Graph message layout this reader and writer know
+OPSET_VERSION = 2  # the newest op set (names, attributes, semantics) of the op table
+# Version 1 graphs keep loading; a graph is written as version 1 unless it needs 2:
+# sub-graph attributes (IR 2) and the control-flow ops (opset 2).
+OPSET2_OPS = frozenset({"scan", "while_loop", "cond", "element"})
+MAX_DEPTH = 16  # sub-graphs nested deeper than this are refused
 
 
 # -- the wire form ---------------------------------------------------------------------
@@ -82,7 +86,15 @@ class WireGraph:
 
 
 # -- encoding ----------------------------------------------------------------------------
+def _is_graph(v) -> bool:
+    return isinstance(v, Graph)
+
+
 def _attr_to_proto(v) -> ir_pb2.AttrValue:
+    if isinstance(v, Graph):
+        return ir_pb2.AttrValue(graph=_encode(v))
+    if isinstance(v, tuple) and v and all(map(_is_graph, v)):
+        return ir_pb2.AttrValue(graphs=ir_pb2.GraphList(graphs=[_encode(g) for g in v]))
     if isinstance(v, bool):
         return ir_pb2.AttrValue(b=v)
     if isinstance(v, int):
@@ -108,9 +120,11 @@ def graph_to_proto(graph: Graph) -> ir_pb2.Graph:
 def _encode(graph: Graph) -> ir_pb2.Graph:
     nodes = graph.nodes
     ids = {id(n): i for i, n in enumerate(nodes)}
-    g = ir_pb2.Graph(ir_version=IR_VERSION, opset_version=OPSET_VERSION, name=graph.name)
+    v2 = any(n.op in OPSET2_OPS for n in nodes)
+    g = ir_pb2.Graph(ir_version=2 if v2 else 1, opset_version=2 if v2 else 1, name=graph.name)
     for n in nodes:
-        t = ir_pb2.TensorType(dtype=TO_ENUM[n.dtype], dims=n.shape)
+        t = None if n.types is not None else ir_pb2.TensorType(dtype=TO_ENUM[n.dtype],
+                                                                dims=n.shape)
         if n.op == "input":
             g.inputs.add(id=ids[id(n)], name=n.name, type=t)
             continue
@@ -126,7 +140,46 @@ def _encode(graph: Graph) -> ir_pb2.Graph:
 
 
 # -- decoding: proto -> wire form ---------------------------------------------------------
-def _attr_from_proto(a: ir_pb2.AttrValue, where: str):
+@dataclass
+class Limits:
+    """What one decode may take, shared by a graph and its sub-graphs: nodes in all (a
+    running count), elements per constant, nesting depth, name bytes; `check` as ever."""
+
+    max_nodes: int | None = None
+    max_elements: int | None = None
+    check: Checker = None
+    max_name_bytes: int | None = None
+    max_depth: int = MAX_DEPTH
+    depth: int = 0
+    used: int = 0
+
+    def count(self, g: ir_pb2.Graph, where: str) -> None:
+        """Add `g`'s inputs and nodes to the running count (LimitExceededError past it)."""
+        self.used += len(g.nodes) + len(g.inputs)
+        if self.max_nodes is not None and self.used > self.max_nodes:
+            raise LimitExceededError(f"the graph has more than {self.max_nodes} nodes with its "
+                                     f"sub-graphs; the limit is {self.max_nodes}", field=where)
+
+
+def _sub_graph(g: ir_pb2.Graph, where: str, limits: Limits) -> Graph:
+    """A sub-graph decoded and validated under the shared `limits`; errors inside it name
+    the path to it (``nodes[id=4].attrs.body.nodes[id=2]``)."""
+    if limits.depth >= limits.max_depth:
+        raise LimitExceededError(f"sub-graphs are nested more than {limits.max_depth} deep",
+                                 field=where)
+    limits.count(g, where)
+    limits.depth += 1
+    try:
+        check_names(g, limits.max_name_bytes)
+        return build_graph(proto_to_wire(g, limits), check=limits.check)
+    except (InvalidGraphError, LimitExceededError) as e:
+        raise type(e)(e.description, field=f"{where}.{e.field}" if e.field else where,
+                      context=e.context) from None
+    finally:
+        limits.depth -= 1
+
+
+def _attr_from_proto(a: ir_pb2.AttrValue, where: str, limits: Limits):
     kind = a.WhichOneof("value")
     if kind is None:
         raise AttributeError_("attribute value is empty", field=where)
@@ -134,12 +187,17 @@ def _attr_from_proto(a: ir_pb2.AttrValue, where: str):
         return tuple(a.ints.values)
     if kind == "dtype":
         return dtype_from_enum(a.dtype, where, AttributeError_)
+    if kind == "graph":
+        return _sub_graph(a.graph, where, limits)
+    if kind == "graphs":
+        return tuple(_sub_graph(g, f"{where}[{i}]", limits) for i, g in enumerate(a.graphs.graphs))
     return getattr(a, kind)
 
 
-def _wire_node(p: ir_pb2.Node, max_elements: int | None) -> WireNode:
+def _wire_node(p: ir_pb2.Node, limits: Limits) -> WireNode:
     where = f"nodes[id={p.id}]"
-    attrs = {k: _attr_from_proto(v, f"{where}.attrs.{k}") for k, v in p.attrs.items()}
+    max_elements = limits.max_elements
+    attrs = {k: _attr_from_proto(v, f"{where}.attrs.{k}", limits) for k, v in p.attrs.items()}
     value = (from_tensor(p.value, f"{where}.value", InvalidGraphError, max_elements)
              if p.HasField("value") else None)
     declared = None
@@ -149,9 +207,11 @@ def _wire_node(p: ir_pb2.Node, max_elements: int | None) -> WireNode:
     return WireNode(p.id, p.op, list(p.operands), attrs, value, p.label, declared)
 
 
-def proto_to_wire(g: ir_pb2.Graph, max_elements: int | None = None,
-                  check: Checker = None) -> WireGraph:
-    """The wire form of `g` (tensors decoded and bounded; nothing else checked yet)."""
+def proto_to_wire(g: ir_pb2.Graph, limits: Limits | None = None) -> WireGraph:
+    """The wire form of `g` (tensors decoded and bounded, sub-graphs decoded and
+    validated; nothing else checked yet)."""
+    limits = limits or Limits()
+    check = limits.check
     inputs = []
     for p in g.inputs:
         where = f"inputs[id={p.id}]"
@@ -161,7 +221,7 @@ def proto_to_wire(g: ir_pb2.Graph, max_elements: int | None = None,
     for i, p in enumerate(g.nodes):
         if check is not None and i % CHECK_EVERY == 0:
             check()
-        nodes.append(_wire_node(p, max_elements))
+        nodes.append(_wire_node(p, limits))
     outputs = [(o.name, o.id) for o in g.outputs]
     return WireGraph(g.ir_version, g.opset_version, inputs, nodes, outputs, g.name)
 
@@ -175,12 +235,23 @@ def check_node_count(n: int, max_nodes: int | None) -> None:
 
 
 def _check_versions(wire: WireGraph) -> None:
-    if wire.ir_version != IR_VERSION:
+    if not 1 <= wire.ir_version <= IR_VERSION:
         raise VersionError(f"IR version {wire.ir_version} is not supported (this server reads "
-                           f"version {IR_VERSION})", field="ir_version")
-    if wire.opset_version != OPSET_VERSION:
+                           f"versions 1 to {IR_VERSION})", field="ir_version")
+    if not 1 <= wire.opset_version <= OPSET_VERSION:
         raise VersionError(f"opset version {wire.opset_version} is not supported (this server "
-                           f"implements opset {OPSET_VERSION})", field="opset_version")
+                           f"implements opsets 1 to {OPSET_VERSION})", field="opset_version")
+    if wire.opset_version < 2:
+        for n in wire.nodes:
+            if n.op in OPSET2_OPS:
+                raise VersionError(f"op {n.op!r} is in opset 2; the graph declares opset "
+                                   f"{wire.opset_version}", field=f"nodes[id={n.id}]")
+    if wire.ir_version < 2:
+        for n in wire.nodes:
+            if any(isinstance(v, Graph) or (isinstance(v, tuple) and v and _is_graph(v[0]))
+                   for v in n.attrs.values()):
+                raise VersionError("sub-graph attributes need IR version 2; the graph "
+                                   f"declares {wire.ir_version}", field=f"nodes[id={n.id}]")
 
 
 def _build_inputs(wire: WireGraph, env: dict[int, Node]) -> list[Node]:
@@ -305,6 +376,10 @@ def _build_outputs(wire: WireGraph, env: dict[int, Node]) -> list[tuple[str, Nod
         if oid not in env:
             raise UndefinedReferenceError(f"output {name!r} refers to undefined id {oid}",
                                           field=where)
+        if env[oid].types is not None:
+            raise InvalidGraphError(f"output {name!r} refers to %{oid}, a {env[oid].op} node "
+                                    "with several results: output one of them (element)",
+                                    field=where)
         out_names.add(name)
         outputs.append((name, env[oid]))
     if not outputs:
@@ -348,8 +423,10 @@ def graph_from_proto(g: ir_pb2.Graph, max_nodes: int | None = None,
     raise to stop the work."""
     check_node_count(len(g.nodes) + len(g.inputs), max_nodes)  # before decoding anything
     check_names(g, max_name_bytes)
+    limits = Limits(max_nodes, max_elements, check, max_name_bytes)
+    limits.used = len(g.nodes) + len(g.inputs)
     try:
-        wire = proto_to_wire(g, max_elements, check)
+        wire = proto_to_wire(g, limits)
         return build_graph(wire, max_nodes=max_nodes, check=check)
     except (ValueError, OverflowError) as e:  # numpy/protobuf range errors: a bad graph
         raise InvalidGraphError(f"the graph cannot be decoded: {e}", field="graph") from None

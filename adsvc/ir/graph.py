@@ -78,6 +78,12 @@ class Graph:
             h.update(b"o" + name.encode("utf-8", "surrogatepass") + b"\0" + n.digest)
         return h.digest()
 
+    def __eq__(self, other) -> bool:
+        return isinstance(other, Graph) and self.key == other.key
+
+    def __hash__(self) -> int:
+        return hash(self.key)
+
     def text(self) -> str:
         """The readable text form (see `adsvc.ir.text`)."""
         return to_text(self)

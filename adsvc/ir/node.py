@@ -48,7 +48,7 @@ class Node(NodeOperators):
     """One SSA value: an op applied to operand nodes. Never mutate; build with `make`."""
 
     __slots__ = ("op", "inputs", "attrs", "dtype", "shape", "value", "name", "label",
-                 "digest", "__weakref__")
+                 "digest", "types", "__weakref__")
 
     op: str
     inputs: tuple[Node, ...]
@@ -59,6 +59,7 @@ class Node(NodeOperators):
     name: str | None
     label: str
     digest: bytes  # structural hash of the node and everything it depends on
+    types: tuple | None  # a node with several results (dtype "tuple"): their (dtype, shape)
 
     def attr(self, key: str, default: Any = None) -> Any:
         """The value of attribute `key`, or `default` if the node has no such attribute."""
@@ -110,7 +111,7 @@ def _digest(fields: dict, value_bytes) -> bytes:
     """Structural hash: op, type, attributes with their value types, input name, label,
     the operands' digests and a constant's bytes."""
     head = repr((fields["op"], fields["dtype"], fields["shape"],
-                 tuple((k, type(v).__name__, v) for k, v in fields["attrs"]),
+                 tuple((k, type(v).__name__, _attr_identity(v)) for k, v in fields["attrs"]),
                  fields["name"], fields["label"]))
     h = hashlib.blake2b(head.encode("utf-8", "surrogatepass"), digest_size=20)
     for i in fields["inputs"]:
@@ -118,6 +119,14 @@ def _digest(fields: dict, value_bytes) -> bytes:
     if value_bytes is not None:
         h.update(value_bytes)
     return h.digest()
+
+
+def _attr_identity(v: Any) -> Any:
+    """What an attribute contributes to a digest: its value, a sub-graph its key."""
+    if isinstance(v, tuple):
+        return tuple(_attr_identity(x) for x in v)
+    key = getattr(v, "key", None)
+    return key.hex() if isinstance(key, bytes) else v
 
 
 def _intern(key: tuple, fields: dict, value_bytes=None, digest: bytes | None = None) -> Node:
@@ -135,9 +144,9 @@ def _intern(key: tuple, fields: dict, value_bytes=None, digest: bytes | None = N
 
 
 def _fields(op, inputs=(), attrs=(), dtype="float64", shape=(), value=None, name=None,
-            label="") -> dict:
+            label="", types=None) -> dict:
     return {"op": op, "inputs": inputs, "attrs": attrs, "dtype": dtype, "shape": shape,
-            "value": value, "name": name, "label": label}
+            "value": value, "name": name, "label": label, "types": types}
 
 
 def input_node(name: str, dtype: str, shape: tuple[int, ...]) -> Node:
@@ -183,9 +192,10 @@ class Builder:
         frozen: Attrs = tuple(sorted((k, _freeze(v)) for k, v in (attrs or {}).items()))
         node = _TABLE.get((op, inputs, _typed(frozen), label))
         if node is None:
-            dtype, shape, frozen = check_and_infer(op, inputs, frozen)
+            dtype, shape, frozen, types = check_and_infer(op, inputs, frozen)
             node = _intern((op, inputs, _typed(frozen), label),
-                           _fields(op, inputs, frozen, dtype, tuple(shape), label=label))
+                           _fields(op, inputs, frozen, dtype, tuple(shape), label=label,
+                                   types=types))
         return node if self.rewriter is None else self.rewriter(node, self)
 
     def constant(self, value, dtype: str | None = None) -> Node:

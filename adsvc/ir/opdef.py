@@ -35,7 +35,7 @@ class Attr:
     """Declaration of an op attribute: its kind, its default (REQUIRED; None: optional
     and left absent) and its documentation."""
 
-    kind: str  # "int", "float", "str", "bool", "ints" or "dtype"
+    kind: str  # "int", "float", "str", "bool", "ints", "dtype", "graph" or "graphs"
     default: Any = REQUIRED
     doc: str = ""
 
@@ -66,6 +66,10 @@ class OpDef:
     # Which operand elements each output element depends on: a rule of adsvc.ops.patterns
     # (node -> one boolean pattern per operand); None: the conservative "dense" fallback.
     sparsity: Callable | None = None
+    # Ops with sub-graphs (loop bodies, branches): node -> {attribute: how many times
+    # that graph runs per evaluation (an estimate for while loops)}; the cost model
+    # multiplies each sub-graph's cost by it.
+    trips: Callable | None = None
 
     def __post_init__(self):
         if self.derivative not in DERIVATIVES:
@@ -105,16 +109,30 @@ def _check_attr(op: str, key: str, spec: Attr, v: Any) -> Any:
         "ints": lambda: isinstance(v, tuple) and all(
             isinstance(x, int) and not isinstance(x, bool) for x in v),
         "dtype": lambda: v in dtypes.DTYPES,
+        "graph": lambda: _is_graph(v),
+        "graphs": lambda: isinstance(v, tuple) and len(v) > 0 and all(map(_is_graph, v)),
     }[kind]()
     if not ok:
         raise AttributeError_(f"op {op!r}: attribute {key!r} must be {kind}, got {v!r}")
     return float(v) if kind == "float" else v
 
 
+def _is_graph(v) -> bool:
+    """Is `v` an IR graph (`adsvc.ir.graph.Graph`, which imports this module: recognised
+    by what it has)?"""
+    return all(hasattr(v, a) for a in ("inputs", "outputs", "key", "nodes"))
+
+
+TUPLE = "tuple"  # the dtype of a node with several results (a loop, a branch); its
+# results, typed by Node.types, are read by "element" nodes
+
+
 def check_and_infer(op: str, inputs: tuple, attrs: tuple) -> tuple[str, tuple, tuple]:
     """Check arity and attributes, apply defaults, run the shape rule.
 
-    Returns (dtype, shape, attrs with defaults filled in, sorted).
+    Returns (dtype, shape, attrs with defaults filled in, sorted, result types): the
+    types are None, or for an op with several results (dtype TUPLE, shape ()) the
+    (dtype, shape) of each, which a shape rule returns as `(TUPLE, types)`.
     """
     d = get(op)
     if d.arity is None:
@@ -136,9 +154,15 @@ def check_and_infer(op: str, inputs: tuple, attrs: tuple) -> tuple[str, tuple, t
         elif spec.default is not None:
             full[key] = spec.default
     dtype, shape = d.infer(inputs, full)
+    types = None
+    if dtype == TUPLE:
+        types = tuple((dt, tuple(int(x) for x in sh)) for dt, sh in shape)
+        for _, sh in types:
+            check_shape(op, sh)
+        shape = ()
     shape = tuple(int(s) for s in shape)
     check_shape(op, shape)
-    return dtype, shape, tuple(sorted(full.items()))
+    return dtype, shape, tuple(sorted(full.items())), types
 
 
 MAX_ELEMENTS = 2**62  # beyond this, element counts and byte sizes overflow int64

@@ -120,7 +120,8 @@ RULES: dict[str, tuple[Rule, ...]] = {
 
 def fold(n: Node, b: Builder) -> Node | None:
     """A small node whose operands are all constants becomes a constant (any op)."""
-    if not n.inputs or n.size > FOLD_LIMIT or any(i.op != "constant" for i in n.inputs):
+    if (not n.inputs or n.size > FOLD_LIMIT or n.types is not None
+            or any(i.op != "constant" for i in n.inputs)):
         return None
     try:
         with np.errstate(all="ignore"):

@@ -6,6 +6,9 @@
       ...
       return z = %6
     }
+
+Sub-graphs (loop bodies, branches) are printed indented under their node, each with its
+own ids; a node with several results has the type `(f64[], f64[5])`.
 """
 
 from __future__ import annotations
@@ -20,7 +23,22 @@ def type_str(dtype: str, shape) -> str:
     return f"{SHORT[dtype]}[{','.join(str(d) for d in shape)}]"
 
 
+def node_type_str(node) -> str:
+    """A node's type: `f64[3]`, or `(f64[], f64[5])` for a node with several results."""
+    if node.types is not None:
+        return "(" + ", ".join(type_str(dt, sh) for dt, sh in node.types) + ")"
+    return type_str(node.dtype, node.shape)
+
+
+def _is_graph(v) -> bool:
+    return hasattr(v, "outputs") and hasattr(v, "key")
+
+
 def _attr(v) -> str:
+    if _is_graph(v):
+        return f"<graph {v.name or 'body'}>"
+    if isinstance(v, tuple) and v and _is_graph(v[0]):
+        return "[" + ", ".join(_attr(g) for g in v) + "]"
     return "[" + ",".join(map(str, v)) + "]" if isinstance(v, tuple) else repr(v)
 
 
@@ -30,9 +48,23 @@ def _const(value: np.ndarray) -> str:
     return f"<{value.size} elements>"
 
 
-def to_text(graph) -> str:
+def to_text(graph, indent: str = "") -> str:
     """The text form of `graph`; `%i` is the node's position in `graph.nodes` (the ids
     of the encoded graph)."""
+    return "\n".join(indent + line for line in _lines(graph))
+
+
+def _subgraphs(n) -> list[tuple[str, object]]:
+    out = []
+    for k, v in n.attrs:
+        if _is_graph(v):
+            out.append((k, v))
+        elif isinstance(v, tuple) and v and _is_graph(v[0]):
+            out.extend((f"{k}[{i}]", g) for i, g in enumerate(v))
+    return out
+
+
+def _lines(graph) -> list[str]:
     nodes = graph.nodes
     ids = {id(n): i for i, n in enumerate(nodes)}
     sig = ", ".join(f"{n.name}: {type_str(n.dtype, n.shape)}" for n in graph.inputs)
@@ -47,8 +79,11 @@ def to_text(graph) -> str:
             if n.attrs:
                 rhs += " {" + ", ".join(f"{k}={_attr(v)}" for k, v in n.attrs) + "}"
         label = f"  # {n.label}" if n.label else ""
-        lines.append(f"  %{i} = {rhs} : {type_str(n.dtype, n.shape)}{label}")
+        lines.append(f"  %{i} = {rhs} : {node_type_str(n)}{label}")
+        for k, sub in _subgraphs(n):
+            lines.append(f"    {k}:")
+            lines.extend("      " + line for line in _lines(sub))
     outs = ", ".join(f"{k} = %{ids[id(n)]}" for k, n in graph.outputs)
     lines.append(f"  return {outs}")
     lines.append("}")
-    return "\n".join(lines)
+    return lines

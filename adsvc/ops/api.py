@@ -176,13 +176,20 @@ def unbroadcast(ct: Node, shape: tuple[int, ...]) -> Node:
     return out if out.shape == shape else reshape(out, shape)
 
 
-def add_any(a: Node | None, b: Node | None) -> Node | None:
-    """Sum of two possibly-symbolic-zero (None) derivatives."""
+def add_any(a, b):
+    """Sum of two possibly-symbolic-zero (None) derivatives; the derivatives of a node
+    with several results are tuples (one entry per result), summed entry by entry."""
     if a is None:
         return b
     if b is None:
         return a
+    if isinstance(a, tuple):
+        return tuple(add_any(x, y) for x, y in zip(a, b))
     return add(a, b)
+
+
+def element(t: Node, index: int) -> Node:
+    return make("element", (t,), {"index": index})
 
 
 def mul_or_zero(a, b) -> Node:

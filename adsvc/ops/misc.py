@@ -1,13 +1,14 @@
-"""constant, stop_gradient, cast."""
+"""constant, stop_gradient, cast, element (one result of a node with several)."""
 
 from __future__ import annotations
 
 import numpy as np
 
-from adsvc.ir.opdef import NONE, ZERO, Attr, OpDef, register
+from adsvc.ir.opdef import NONE, TUPLE, ZERO, Attr, OpDef, register
 from adsvc.ops import api as A
 from adsvc.ops import patterns
 from adsvc_protocol import dtypes
+from adsvc_protocol.errors import AttributeError_, DTypeError
 
 
 def _no_infer(ins, attrs):  # constants are built by ir.node.constant, never by make()
@@ -45,3 +46,33 @@ register(OpDef(
     _cast_jvp, _cast_vjp, {"dtype": Attr("dtype", doc="target dtype")},
     doc="convert dtype; derivative passes between float types only",
     sparsity=patterns.elementwise, linear=True))
+
+
+def _element_infer(ins, attrs):
+    t, = ins
+    if t.dtype != TUPLE:
+        raise DTypeError(f"op 'element' reads a result of a node with several results "
+                         f"(a loop or a branch), got {t.dtype}{list(t.shape)}")
+    i = attrs["index"]
+    if not 0 <= i < len(t.types):
+        raise AttributeError_(f"op 'element': index {i} out of range: the {t.op} node has "
+                              f"{len(t.types)} results")
+    return t.types[i]
+
+
+def _element_jvp(node, ts):
+    t, = ts
+    return None if t is None else t[node.attr("index")]
+
+
+def _element_vjp(node, ct):
+    n = len(node.inputs[0].types)
+    i = node.attr("index")
+    return [tuple(ct if j == i else None for j in range(n))]
+
+
+register(OpDef(
+    "element", 1, _element_infer, lambda a: (lambda t, i=a["index"]: t[i]),
+    _element_jvp, _element_vjp, {"index": Attr("int", doc="which result, from 0")},
+    view=True, linear=True,
+    doc="one result of a node with several results (scan, while_loop, cond)"))

@@ -42,6 +42,10 @@ def _positions(shape) -> np.ndarray:
 
 
 def _float(x) -> bool:
+    """A float value, or a node with several results (a loop: one element stands for
+    all of them, so its users depend on everything it depends on)."""
+    if x.types is not None:
+        return any(dtypes.is_float(dt) for dt, _ in x.types)
     return dtypes.is_float(x.dtype)
 
 

@@ -69,11 +69,18 @@ def wrt_nodes(graph: Graph, wrt) -> list[Node]:
     return out
 
 
+def differentiable_type(node: Node) -> bool:
+    """A float value, or a node with several results (a loop) of which one is float."""
+    if node.types is not None:
+        return any(dtypes.is_float(dt) for dt, _ in node.types)
+    return dtypes.is_float(node.dtype)
+
+
 def active_nodes(graph: Graph, wrt: list[Node], targets: list[Node]) -> set[int]:
     """ids of the nodes on a differentiable path from `wrt` to `targets`."""
     forward: set[int] = {id(n) for n in wrt}
     for node in graph.nodes:
-        if id(node) in forward or not node.inputs or not dtypes.is_float(node.dtype):
+        if id(node) in forward or not node.inputs or not differentiable_type(node):
             continue
         if OPS[node.op].derivative != RULE:  # zero or no derivative: the path is cut
             continue

@@ -7,6 +7,7 @@ from adsvc.ir.graph import Graph
 from adsvc.ir.opdef import BILINEAR, OPS
 from adsvc.passes.activity import active_nodes, wrt_nodes
 from adsvc.passes.forward import jvp_graph
+from adsvc.passes.loop_rules import share_saved
 from adsvc.passes.reverse import vjp_graph
 from adsvc.passes.simplify import simplify
 from adsvc_protocol import dtypes
@@ -40,7 +41,7 @@ def differentiate(graph: Graph, mode="reverse", wrt=None, order: int | None = No
         else:
             g, targets = vjp_graph(g, wrt_list, targets, seed=seed and k == 1, k=k,
                                    check=check)
-    return g
+    return share_saved(g)
 
 
 # nodes a pass adds per active node (measured on random scalar graphs: 2.1; the

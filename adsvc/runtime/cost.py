@@ -89,17 +89,40 @@ def held_bytes(graph) -> int:
     """Bytes a compiled, planned graph holds: NODE_BYTES per node (node, plan step,
     kernel) plus constants' data and names/labels — what caches weigh it by."""
     return sum(NODE_BYTES + (nbytes(n) if n.op == "constant"
-                             else len(n.label) + len(n.name or "")) for n in graph.nodes)
+                             else len(n.label) + len(n.name or ""))
+               + sum(held_bytes(g) for _, gs in subgraphs(n) for g in gs)
+               for n in graph.nodes)
 
 
 def nbytes(node) -> int:
-    """Bytes of `node`'s value."""
+    """Bytes of `node`'s value (a node with several results: all of them)."""
+    if node.types is not None:
+        return sum(math.prod(sh) * np.dtype(dtypes.to_numpy(dt)).itemsize
+                   for dt, sh in node.types)
     return math.prod(node.shape) * np.dtype(dtypes.to_numpy(node.dtype)).itemsize
 
 
-def operations(node) -> tuple[int, int]:
-    """(elementwise operations, matmul flops) of one step computing `node` (a view: none)."""
+def subgraphs(node) -> list[tuple[str, list]]:
+    """[(attribute, [graphs])] of the sub-graphs a node holds (loop bodies, branches)."""
+    out = []
+    for k, v in node.attrs:
+        graphs = v if isinstance(v, tuple) else (v,)
+        if graphs and all(hasattr(g, "outputs") and hasattr(g, "key") for g in graphs):
+            out.append((k, list(graphs)))
+    return out
+
+
+def operations(node, sub_cost=None) -> tuple[int, int]:
+    """(elementwise operations, matmul flops) of one step computing `node` (a view: none;
+    an op with sub-graphs: each sub-graph's operations times its trips, the costliest
+    of alternatives such as branches; `sub_cost(graph)` gives a sub-graph's Cost)."""
     op = OPS[node.op]
+    if op.trips is not None and sub_cost is not None:
+        trips = op.trips(node)
+        total = 0
+        for k, graphs in subgraphs(node):
+            total += trips.get(k, 1) * max(sub_cost(g).operations for g in graphs)
+        return total + nbytes(node) // 8, 0
     if op.view:
         return 0, 0
     if op.flops is not None:
@@ -137,10 +160,11 @@ def _temporary_bytes(node) -> int:
     return int(k * max([nbytes(node), *(nbytes(i) for i in node.inputs)])) if k else 0
 
 
-def plan_cost(nodes, steps, keep: set[int], check=None) -> Cost:
+def plan_cost(nodes, steps, keep: set[int], check=None, sub_cost=None) -> Cost:
     """The Cost of `steps` [(operand slots, result slot, frees, node)] over slots of
     `nodes`; `keep` are the output slots (never freed); `check()` is called every
-    CHECK_EVERY steps and may raise to stop."""
+    CHECK_EVERY steps and may raise to stop; `sub_cost(graph)` gives the Cost of a
+    sub-graph (a loop body's peak counts while its loop runs)."""
     owner = {}  # slot -> the slot whose memory it holds (itself, or a view's base)
     refs: dict[int, int] = {}
     live = 0
@@ -159,8 +183,10 @@ def plan_cost(nodes, steps, keep: set[int], check=None) -> Cost:
             owner[out], refs[out] = out, 1
             live += nbytes(node)
             largest = max(largest, nbytes(node))
-        peak = max(peak, live + _temporary_bytes(node))
-        per_step.append(operations(node))
+        inner = max((sub_cost(g).peak_bytes for _, gs in subgraphs(node) for g in gs),
+                    default=0) if sub_cost is not None and OPS[node.op].trips else 0
+        peak = max(peak, live + _temporary_bytes(node) + inner)
+        per_step.append(operations(node, sub_cost))
         for slot in frees:
             o = owner[slot]
             refs[o] -= 1

@@ -15,11 +15,11 @@ from functools import cached_property
 
 import numpy as np
 
-from adsvc.interrupt import CHECK_EVERY, CHECK_SECONDS, Interrupt
+from adsvc.interrupt import CHECK_EVERY, CHECK_SECONDS, Interrupt, interrupting
 from adsvc.ir.graph import Graph
 from adsvc.ir.opdef import OPS
 from adsvc.runtime.cost import Cost, observe, plan_cost, speed
-from adsvc_protocol.errors import EvaluationError, LimitExceededError
+from adsvc_protocol.errors import AdsvcError, EvaluationError, LimitExceededError
 from adsvc_protocol.feeds import check_feeds
 
 
@@ -27,11 +27,15 @@ class Plan:
     """A graph ready to evaluate many times: slot-indexed steps that free each value after
     its last use (see the module docstring)."""
 
-    def __init__(self, graph: Graph, check=None):
+    def __init__(self, graph: Graph, check=None, _plans: dict | None = None):
         """Plan `graph`; `check()` (optional) is called every CHECK_EVERY nodes and may
-        raise to stop (a deadline while compiling)."""
+        raise to stop (a deadline while compiling). Sub-graphs (loop bodies, branches) get
+        plans of their own, one per distinct graph, which their ops' kernels run."""
         self.graph = graph
+        self._plans = {} if _plans is None else _plans  # sub-graph -> its plan
         nodes = graph.nodes
+        self.input_types = [(n.dtype, n.shape) for n in graph.inputs]
+        self.output_types = [(n.dtype, n.shape) for _, n in graph.outputs]
         slot = {id(n): i for i, n in enumerate(nodes)}
         self.input_slots = [slot[id(n)] for n in graph.inputs]
         self.inputs = {n.name: (n.dtype, n.shape) for n in graph.inputs}
@@ -44,7 +48,7 @@ class Plan:
             if n.op == "constant":
                 self.template[slot[id(n)]] = n.value
             elif n.op != "input":
-                fn = OPS[n.op].kernel(dict(n.attrs))
+                fn = OPS[n.op].kernel(self._kernel_attrs(n, check))
                 steps.append((fn, tuple(slot[id(i)] for i in n.inputs), slot[id(n)], n))
         self.outputs = [(name, slot[id(n)]) for name, n in graph.outputs]
         keep = {s for _, s in self.outputs}
@@ -60,6 +64,46 @@ class Plan:
                       for (fn, ins, out, n), fr in zip(steps, frees)]
         self._keep = keep
 
+    def _kernel_attrs(self, node, check) -> dict:
+        """The node's attributes for its kernel: each sub-graph as its plan."""
+        attrs = dict(node.attrs)
+        for k, v in node.attrs:
+            if isinstance(v, Graph):
+                attrs[k] = self.subplan(v, check)
+            elif isinstance(v, tuple) and v and isinstance(v[0], Graph):
+                attrs[k] = tuple(self.subplan(g, check) for g in v)
+        return attrs
+
+    def subplan(self, graph: Graph, check=None) -> Plan:
+        """The plan of sub-graph `graph` (shared by every node that has it)."""
+        plan = self._plans.get(graph)
+        if plan is None:
+            plan = self._plans[graph] = Plan(graph, check, self._plans)
+        return plan
+
+    @property
+    def seconds(self) -> float:
+        """Estimated seconds of one run."""
+        return self.cost.seconds
+
+    def run_values(self, inputs: list) -> list:
+        """Evaluate on input values in input order (already checked) and return the output
+        values in output order: what loop kernels call once per iteration."""
+        vals = list(self.template)
+        for s, v in zip(self.input_slots, inputs):
+            vals[s] = v
+        for fn, ins, out, frees, node in self.steps:
+            try:
+                vals[out] = fn(*[vals[i] for i in ins])
+            except (AdsvcError, MemoryError):  # a deadline, an inner loop's own error
+                raise
+            except Exception as e:
+                raise EvaluationError(f"in a sub-graph ({self.graph.name}): op {node.op!r} "
+                                      f"(node %{out}) failed: {e}") from None
+            for s in frees:
+                vals[s] = None
+        return [vals[s] for _, s in self.outputs]
+
     @cached_property
     def cost(self) -> Cost:
         """Peak live bytes, largest allocation and estimated seconds (per step too)."""
@@ -68,7 +112,8 @@ class Plan:
     def measure(self, check=None) -> Cost:
         """Compute (and keep) `cost`; `check()` as in the constructor."""
         cost = plan_cost(self.graph.nodes, [(ins, out, fr, n) for _, ins, out, fr, n in
-                                            self.steps], self._keep, check)
+                                            self.steps], self._keep, check,
+                         sub_cost=lambda g: self.subplan(g).cost)
         self.__dict__["cost"] = cost
         return cost
 
@@ -87,7 +132,7 @@ class Plan:
             vals[s] = arr
         estimate = self.cost.steps if interrupt is not None else ()
         since, scale, timed = 0.0, speed(), 0.0
-        with np.errstate(all="ignore"):
+        with np.errstate(all="ignore"), interrupting(interrupt):
             for k, (fn, ins, out, frees, node) in enumerate(self.steps):
                 if interrupt is not None:
                     secs = estimate[k] * scale
@@ -100,6 +145,11 @@ class Plan:
                     vals[out] = fn(*[vals[i] for i in ins])
                     if timed:  # an expensive step: how fast is the machine right now?
                         scale = observe(estimate[k], time.perf_counter() - timed)
+                except AdsvcError as e:  # a deadline inside a loop, a loop's own error
+                    if isinstance(e, EvaluationError) and not e.field:
+                        raise EvaluationError(f"op {node.op!r} failed: {e.description}",
+                                              field=f"nodes[id={out}]") from None
+                    raise
                 except MemoryError as e:  # the machine, not the request, ran out
                     raise LimitExceededError(
                         f"op {node.op!r} ran out of memory ({e}); lower the budget "

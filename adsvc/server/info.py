@@ -16,6 +16,7 @@ KINDS = {
     "int": service_pb2.ATTR_KIND_INT, "float": service_pb2.ATTR_KIND_FLOAT,
     "str": service_pb2.ATTR_KIND_STRING, "bool": service_pb2.ATTR_KIND_BOOL,
     "ints": service_pb2.ATTR_KIND_INTS, "dtype": service_pb2.ATTR_KIND_DTYPE,
+    "graph": service_pb2.ATTR_KIND_GRAPH, "graphs": service_pb2.ATTR_KIND_GRAPHS,
 }
 
 
