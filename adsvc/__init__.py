@@ -76,6 +76,7 @@ from adsvc.ops.api import (
 )
 from adsvc.passes.control import cond, fori_loop, scan, switch, while_loop
 from adsvc.passes.inline import call
+from adsvc.passes.loop_memory import LoopMemory, loop_memory
 from adsvc.passes.pipeline import differentiate
 from adsvc.passes.transforms import grad, hessian, jacobian, jvp, value_and_grad, vjp
 from adsvc.tracer import Spec, boolean, f32, f64, i32, i64, trace
@@ -97,8 +98,8 @@ __all__ = [
     "i32", "i64", "local", "to_proto", "trace",
     # function transformations that work inside traces, and calling graphs
     "call", "grad", "hessian", "jacobian", "jvp", "value_and_grad", "vjp",
-    # control flow inside traces
-    "cond", "fori_loop", "scan", "switch", "while_loop",
+    # control flow inside traces, and what differentiated loops store
+    "LoopMemory", "cond", "fori_loop", "loop_memory", "scan", "switch", "while_loop",
     # array constructors
     "full", "ones", "ones_like", "zeros", "zeros_like",
     # the op builders and composites of adsvc.ops.api

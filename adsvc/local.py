@@ -55,7 +55,7 @@ class LocalClient(ClientBase):
     def _compile(self, g, modes, wrt, seed, timeout) -> Compiled:
         graph = as_graph(g)
         return self._cached((graph.key, modes, wrt, seed), lambda: compile_graph(
-            graph, modes, wrt, seed, deadline_check(timeout)))
+            graph, modes, wrt, seed, deadline_check(timeout), self.max_eval_bytes))
 
     def _compile_sweeps(self, g, mode, wrt, count, timeout) -> Compiled:
         graph = as_graph(g)

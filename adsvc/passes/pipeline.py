@@ -7,7 +7,7 @@ from adsvc.ir.graph import Graph
 from adsvc.ir.opdef import BILINEAR, OPS
 from adsvc.passes.activity import active_nodes, wrt_nodes
 from adsvc.passes.forward import jvp_graph
-from adsvc.passes.loop_rules import share_saved
+from adsvc.passes.loop_rules import carry_budget, share_saved
 from adsvc.passes.reverse import vjp_graph
 from adsvc.passes.simplify import simplify
 from adsvc_protocol import dtypes
@@ -76,13 +76,16 @@ def _linear(node, active: set[int]) -> bool:
 
 
 def compile_graph(graph: Graph, modes: tuple[str, ...], wrt, seed: bool,
-                  check: Checker = None) -> Graph:
+                  check: Checker = None, eval_bytes: int | None = None) -> Graph:
     """What every client evaluates: `graph` simplified (no modes) or differentiated.
-    `check` may raise to stop the work (deadlines, cancellation)."""
+    `check` may raise to stop the work (deadlines, cancellation). `eval_bytes`, the
+    evaluation memory budget: reverse mode checkpoints a loop whose stored carries would
+    take more than a quarter of it (None: the default budget, `loop_rules.carry_budget`)."""
     if not modes:
         return simplify(graph, check)
-    return differentiate(graph, list(modes), None if wrt is None else list(wrt),
-                         order=len(modes), seed=seed, check=check)
+    with carry_budget(eval_bytes // 4 if eval_bytes else None):
+        return differentiate(graph, list(modes), None if wrt is None else list(wrt),
+                             order=len(modes), seed=seed, check=check)
 
 
 def signature(graph: Graph) -> tuple[dict, dict]:

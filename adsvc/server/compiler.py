@@ -215,7 +215,8 @@ class Compiler:
             check()
         start = time.perf_counter()
         out = compile_graph(graph, spec.modes, spec.wrt, spec.seed,
-                            check=self._growth_check(graph, spec, check))
+                            check=self._growth_check(graph, spec, check),
+                            eval_bytes=self.config.max_eval_bytes)
         limit = self.config.max_compiled_nodes
         if limit and len(out.nodes) > limit:
             raise LimitExceededError(f"the compiled graph has {len(out.nodes)} nodes; the "
