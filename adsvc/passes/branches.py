@@ -21,6 +21,7 @@ from adsvc.ops import api as A
 from adsvc.passes.activity import active_nodes
 from adsvc.passes.bodies import make_body, role_names
 from adsvc.passes.forward import jvp_graph
+from adsvc.passes.loop_rules import record_primal
 from adsvc.passes.loops import check_arity, check_binding, check_closed
 from adsvc.passes.reverse import vjp_graph
 from adsvc_protocol import dtypes
@@ -89,6 +90,7 @@ def _cond_jvp(node: Node, ts):
                              role_names("r", n_out + len(live)), g.name))
     tangents = [ts[1 + i] for i in act]
     t = make("cond", [index, *operands, *tangents], {"branches": tuple(new)})
+    record_primal(t, node, {j: j for j in range(len(node.types))})
     out: list[Node | None] = [None] * len(node.types)
     for q, j in enumerate(live):
         out[j] = A.element(t, len(node.types) + q)

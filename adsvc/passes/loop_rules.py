@@ -23,6 +23,7 @@ the forward loop once. Everything built here is ordinary IR: derivatives of deri
 from __future__ import annotations
 
 import math
+import weakref
 from collections.abc import Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
@@ -40,6 +41,17 @@ from adsvc.passes.reverse import vjp_graph
 from adsvc_protocol import dtypes
 
 _BUDGET: ContextVar[int] = ContextVar("adsvc_carry_budget", default=1 << 30)
+
+# The JVP of a loop or branch node S is a node T whose results include S's own:
+# T -> (S, {index of S's result: index of the same value among T's}). `share_loops`
+# reads it so that forward mode runs the loop once (a fact about interned nodes, kept
+# only while T lives).
+PRIMAL_RESULTS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def record_primal(t: Node, s: Node, mapping: dict[int, int]) -> None:
+    """Note that results `mapping` of `s` are results of `t` (its JVP node)."""
+    PRIMAL_RESULTS[t] = (s, mapping)
 
 
 @contextmanager
@@ -140,6 +152,11 @@ def scan_jvp(node: Node, ts):
         *p.consts, *_tangents(p.consts, ts_k, ak)]
     t = make("scan", operands, _attrs(node, body=tb, carries=n_c + len(ac), xs=n_x + len(ax)))
     n_y = len(body.outputs) - n_c
+    same = {i: i for i in range(n_c)} | {n_c + j: n_c + len(ac) + j for j in range(n_y)}
+    if p.save:
+        base = n_c + len(ac) + n_y + len(ay)
+        same |= {n_c + n_y + i: base + i for i in range(n_c)}
+    record_primal(t, node, same)
     out: list[Node | None] = [None] * len(node.types)
     for q, i in enumerate(ac):
         out[i] = A.element(t, n_c + q)
@@ -173,6 +190,10 @@ def while_jvp(node: Node, ts):
                 *_tangents(consts, ts[n_c:], ak)]
     t = make("while_loop", operands, _attrs(node, body=tb, cond=cond2,
                                             carries=n_c + len(ac)))
+    same = {i: i for i in range(n_c)}
+    if node.attr("save"):
+        same |= {n_c + j: n_c + len(ac) + j for j in range(1 + n_c)}
+    record_primal(t, node, same)
     out: list[Node | None] = [None] * len(node.types)
     for q, i in enumerate(ac):
         out[i] = A.element(t, n_c + q)
@@ -396,31 +417,52 @@ def while_vjp(node: Node, ct):
 
 
 # -- sharing the forward loop ------------------------------------------------------------------
+LOOPS = ("scan", "while_loop", "cond")
+
+
 def _loop_key(n: Node) -> tuple:
     return (n.op, tuple(map(id, n.inputs)), tuple(kv for kv in n.attrs if kv[0] != "save"))
 
 
-def share_saved(graph: Graph) -> Graph:
-    """`graph` with the results of each loop that also has a saving variant (made by a
-    VJP) read from that variant: its leading results are the same values, so the loop
-    runs once."""
+def _aliases(graph: Graph) -> dict[int, Node]:
+    """element(S, i) -> the same value read from a node that computes more and is in
+    the graph anyway: S's saving variant (made by a VJP), or S's JVP node."""
+    nodes = graph.nodes
+    present = {id(n) for n in nodes}
     saving = {}
-    for n in graph.nodes:
+    for n in nodes:
         if n.op in ("scan", "while_loop") and n.attr("save"):
             saving.setdefault(_loop_key(n), n)
-    if not saving:
-        return graph
+    covers: dict[int, tuple[Node, dict]] = {}
+    for n in nodes:
+        got = PRIMAL_RESULTS.get(n) if n.op in LOOPS else None
+        if got is not None and id(got[0]) in present:
+            covers.setdefault(id(got[0]), (n, got[1]))
     mapping = {}
-    for n in graph.nodes:
+    for n in nodes:
         src = n.inputs[0] if n.op == "element" else None
-        if src is not None and src.op in ("scan", "while_loop") and not src.attr("save"):
-            other = saving.get(_loop_key(src))
-            if other is not None:
-                mapping[id(n)] = A.element(other, n.attr("index"))
-    if not mapping:
-        return graph
-    outs = substitute([n for _, n in graph.outputs], mapping)
-    return Graph(graph.inputs, list(zip(graph.output_names, outs)), graph.name)
+        if src is None or src.op not in LOOPS:
+            continue
+        i = n.attr("index")
+        if id(src) in covers and i in covers[id(src)][1]:
+            t, same = covers[id(src)]
+            mapping[id(n)] = A.element(t, same[i])
+        elif src.op != "cond" and not src.attr("save") and _loop_key(src) in saving:
+            mapping[id(n)] = A.element(saving[_loop_key(src)], i)
+    return mapping
+
+
+def share_saved(graph: Graph) -> Graph:
+    """`graph` with the results of each loop (or branch) read from a node that computes
+    them anyway — its saving variant (made by a VJP) or its JVP — so that a derivative
+    runs each loop once."""
+    for _ in range(8):  # a JVP of a saving loop: two hops
+        mapping = _aliases(graph)
+        if not mapping:
+            return graph
+        outs = substitute([n for _, n in graph.outputs], mapping)
+        graph = Graph(graph.inputs, list(zip(graph.output_names, outs)), graph.name)
+    return graph
 
 
 loops.register_loops(scan_jvp, scan_vjp, while_jvp, while_vjp)
