@@ -80,7 +80,7 @@ class LocalClient(ClientBase):
             raise LimitExceededError(
                 f"this evaluation needs about {plan.cost.peak_bytes / 2**20:.1f} MiB at its "
                 f"peak; the budget is {self.max_eval_bytes / 2**20:.1f} MiB (max_eval_bytes "
-                "of adsvc.local())", field="graph")
+                f"of adsvc.local()){plan.memory_note()}", field="graph")
         return plan.run(feeds, interrupt=deadline_check(timeout))
 
     def _sparsity(self, g, kind, wrt, timeout):

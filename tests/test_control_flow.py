@@ -373,3 +373,20 @@ def test_a_hand_built_body_with_a_free_variable_is_refused():
 def test_same_loop_traced_twice_has_the_same_key():
     a, b = ad.trace(_rnn, **RNN_SPECS), ad.trace(_rnn, **RNN_SPECS)
     assert a.key == b.key
+
+
+def test_a_refusal_by_the_memory_budget_names_the_loop_and_the_remedy():
+    from adsvc_protocol.errors import LimitExceededError
+    g = ad.trace(lambda x: ad.while_loop(lambda s: s[1] < 3.0, lambda s: (s[0] * x, s[1] + 1.0),
+                                         (x, x * 0), max_iters=10**9)[0])
+    assert float(C.evaluate(g, x=2.0)["out"]) == 16.0  # the primal loop stores nothing
+    with pytest.raises(LimitExceededError, match="max_iters=1000000000 carries"):
+        C.value_and_grad(g, x=2.0)
+    small = ad.local(max_eval_bytes=50 * 2**20)
+    s = ad.trace(lambda x: ad.sum(ad.scan(lambda c, _: (c * x, None), x * ad.ones((1000,)),
+                                          length=10_000, checkpoint=False)[0]))
+    with pytest.raises(LimitExceededError, match="checkpoint=True stores fewer"):
+        small.value_and_grad(s, x=1.0)
+    _close(small.value_and_grad(ad.trace(lambda x: ad.sum(ad.scan(
+        lambda c, _: (c * x, None), x * ad.ones((1000,)), length=10_000)[0])), x=1.0)[1]["x"],
+        1000 * 10_001.0)  # the default (by the budget) checkpoints and fits

@@ -18,6 +18,7 @@ import numpy as np
 from adsvc.interrupt import CHECK_EVERY, CHECK_SECONDS, Interrupt, interrupting
 from adsvc.ir.graph import Graph
 from adsvc.ir.opdef import OPS
+from adsvc.passes.loop_memory import loop_memory
 from adsvc.runtime.cost import Cost, observe, plan_cost, speed
 from adsvc_protocol.errors import AdsvcError, EvaluationError, LimitExceededError
 from adsvc_protocol.feeds import check_feeds
@@ -103,6 +104,21 @@ class Plan:
             for s in frees:
                 vals[s] = None
         return [vals[s] for _, s in self.outputs]
+
+    def memory_note(self) -> str:
+        """What a refusal by the memory budget should add: the loop that stores the
+        most for a backward sweep, and how to store less ("" if no loop stores much)."""
+        loops = sorted(loop_memory(self.graph), key=lambda m: -m.stored_bytes)
+        if not loops or loops[0].stored_bytes < self.cost.peak_bytes // 4:
+            return ""
+        m = loops[0]
+        size = f"{m.stored_bytes / 2**20:.1f} MiB"
+        if m.op == "while_loop":
+            return (f"; a while_loop's reverse mode keeps up to max_iters={m.steps} carries "
+                    f"({size}) for the backward sweep: lower max_iters")
+        how = "a larger checkpoint interval" if m.interval > 1 else "checkpoint=True"
+        return (f"; a scan keeps {m.stored} of its {m.steps} carries ({size}) for the "
+                f"backward sweep: {how} stores fewer")
 
     @cached_property
     def cost(self) -> Cost:

@@ -289,7 +289,7 @@ class Compiler:
             raise LimitExceededError(
                 f"this evaluation needs about {_mb(cost.peak_bytes)} at its peak (largest "
                 f"value {_mb(cost.largest_bytes)}); the budget is {_mb(budget)} "
-                "(--max-eval-bytes)", field="graph")
+                f"(--max-eval-bytes){entry.plan.memory_note()}", field="graph")
 
 
 def _mb(n: int) -> str:
