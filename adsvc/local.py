@@ -71,7 +71,7 @@ class LocalClient(ClientBase):
         out = build()
         ins, outs = signature(out)
         compiled = Compiled(Plan(out), ins, outs, out)
-        self.cache.put(key, compiled, weight=(held_bytes(out), len(out.nodes)))
+        self.cache.put(key, compiled, weight=(held_bytes(out), out.total_nodes))
         return compiled
 
     def _run(self, compiled, feeds, timeout):

@@ -116,6 +116,8 @@ def test_a_compile_that_outgrows_its_estimate_is_stopped(monkeypatch):
 
 # -- deadlines that bite between few expensive steps ---------------------------------------------
 def test_a_step_that_cannot_finish_in_time_is_not_started():
+    from adsvc.runtime.cost import calibration
+    calibration()  # once per process (tens of ms on a busy machine): not inside the 0.05 s
     n = 2500
     g = adsvc.trace(lambda a: adsvc.sum(a @ a @ a @ a), a=adsvc.f64(n, n))
     with pytest.raises(DeadlineExceededError, match="cannot finish"):

@@ -49,12 +49,32 @@ def test_readme_python_example_runs_and_its_comments_are_true():
             for k, row in c.jacobian(g, x=3.0, y=4.0).items()} == {"out": {"x": 10.0, "y": 3.0}}
 
 
+def test_readme_loop_example_runs_and_its_comments_are_true():
+    import adsvc
+
+    text = (ROOT / "README.md").read_text()
+    block = text.split("## Loops and branches", 1)[1].split("```python\n", 1)[1].split("```")[0]
+    scope = {"adsvc": adsvc, "c": adsvc.local()}
+    exec(compile(block, "README.md", "exec"), scope)
+    g = scope["g"]
+    body = next(n for n in g.nodes if n.op == "scan").attr("body")
+    assert (len(g.nodes), len(body.nodes)) == (7, 27)
+    grad = scope["c"].value_and_grad(g, k=1.5, x0=0.3)[1]
+    h = 1e-6  # the gradient of the 1000-step RK4 against central differences
+    for name, at in (("k", {"k": 1.5, "x0": 0.3}), ("x0", {"k": 1.5, "x0": 0.3})):
+        up, down = dict(at), dict(at)
+        up[name] += h
+        down[name] -= h
+        fd = (scope["c"].evaluate(g, up)["out"] - scope["c"].evaluate(g, down)["out"]) / (2 * h)
+        assert abs(grad[name] - fd) < 1e-6 * max(1.0, abs(fd))
+
+
 def test_readme_server_example_runs_against_a_real_server(capsys):
     from service_fixtures import running_server
 
     text = (ROOT / "README.md").read_text()
-    block = text.split("```python\n")[2].split("```", 1)[0]
-    assert "127.0.0.1:50051" in block
+    blocks = [b.split("```", 1)[0] for b in text.split("```python\n")[1:]]
+    block = next(b for b in blocks if "127.0.0.1:50051" in b)
     with running_server() as (_, target):
         exec(compile(block.replace("127.0.0.1:50051", target), "README.md", "exec"), {})
     assert capsys.readouterr().out.strip() == "(array(23.), {'x': array(10.), 'y': array(3.)})"

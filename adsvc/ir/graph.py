@@ -43,6 +43,18 @@ class Graph:
                     order.append(node)
         return order
 
+    @cached_property
+    def total_nodes(self) -> int:
+        """How many nodes the graph holds with its sub-graphs (loop bodies, branches):
+        what node limits count."""
+        total = len(self.nodes)
+        for n in self.nodes:
+            for _, v in n.attrs:
+                for g in (v if isinstance(v, tuple) else (v,)):
+                    if isinstance(g, Graph):
+                        total += g.total_nodes
+        return total
+
     def input(self, name: str) -> Node:
         """The input node called `name`; KeyError if there is none."""
         for n in self.inputs:

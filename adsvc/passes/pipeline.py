@@ -54,7 +54,7 @@ def estimate_nodes(graph: Graph, modes, wrt) -> int:
     anything: its nodes, plus GROWTH_PER_PASS per active nonlinear node and pass,
     compounding (their derivatives are nonlinear again), plus one per active linear node
     (`OpDef.linear`) and pass."""
-    n = len(graph.nodes)
+    n = graph.total_nodes
     if not modes:
         return n
     targets = [node for _, node in graph.outputs if dtypes.is_float(node.dtype)]

@@ -82,6 +82,11 @@ def memory_fraction(fraction: float, fallback: int = 4 << 30) -> int:
     return int(total * fraction) if total > 0 else fallback
 
 
+# What running one plan step costs beyond its arithmetic (the interpreter's dispatch,
+# measured 0.3-1 us): negligible for a tensor step, but a loop runs its body's steps
+# once per iteration, so the steps inside loops are counted at this much each.
+STEP_SECONDS = 1e-6
+
 NODE_BYTES = 800  # a compiled node with its plan step and bound kernel (measured ~730)
 
 
@@ -112,22 +117,25 @@ def subgraphs(node) -> list[tuple[str, list]]:
     return out
 
 
-def operations(node, sub_cost=None) -> tuple[int, int]:
-    """(elementwise operations, matmul flops) of one step computing `node` (a view: none;
-    an op with sub-graphs: each sub-graph's operations times its trips, the costliest
-    of alternatives such as branches; `sub_cost(graph)` gives a sub-graph's Cost)."""
+def operations(node, sub_cost=None) -> tuple[int, int, int]:
+    """(elementwise operations, matmul flops, steps run inside it) of one step computing
+    `node` (a view: none; an op with sub-graphs: each sub-graph's figures times its
+    trips, the costliest of alternatives such as branches; `sub_cost(graph)` gives a
+    sub-graph's Cost)."""
     op = OPS[node.op]
     if op.trips is not None and sub_cost is not None:
         trips = op.trips(node)
-        total = 0
+        ops = steps = 0
         for k, graphs in subgraphs(node):
-            total += trips.get(k, 1) * max(sub_cost(g).operations for g in graphs)
-        return total + nbytes(node) // 8, 0
+            costs = [sub_cost(g) for g in graphs]
+            ops += trips.get(k, 1) * max(c.operations for c in costs)
+            steps += trips.get(k, 1) * max(c.count for c in costs)
+        return ops + nbytes(node) // 8, 0, steps
     if op.view:
-        return 0, 0
+        return 0, 0, 0
     if op.flops is not None:
-        return 0, op.flops(node)
-    return node.size + sum(i.size for i in node.inputs), 0
+        return 0, op.flops(node), 0
+    return node.size + sum(i.size for i in node.inputs), 0, 0
 
 
 class Cost:
@@ -135,17 +143,19 @@ class Cost:
     first use: only deadline checks and log lines need the machine's calibration."""
 
     def __init__(self, peak_bytes: int, largest_bytes: int,
-                 per_step: list[tuple[int, int]]):
+                 per_step: list[tuple[int, int, int]]):
         self.peak_bytes = peak_bytes  # bytes alive at once at most, + the largest value
         self.largest_bytes = largest_bytes  # the largest single result
-        self._per_step = per_step  # (elementwise operations, flops) of each step
-        self.operations = sum(e + f for e, f in per_step)  # arithmetic operations
+        self._per_step = per_step  # (elementwise operations, flops, inner steps) per step
+        self.operations = sum(e + f for e, f, _ in per_step)  # arithmetic operations
+        self.count = len(per_step) + sum(o for _, _, o in per_step)  # steps run, loops' too
 
     @cached_property
     def steps(self) -> tuple[float, ...]:
         """Estimated seconds of each step."""
         per_elem, per_flop = calibration()
-        return tuple(e * per_elem + f * per_flop for e, f in self._per_step)
+        return tuple(e * per_elem + f * per_flop + o * STEP_SECONDS
+                     for e, f, o in self._per_step)
 
     @cached_property
     def seconds(self) -> float:

@@ -72,7 +72,7 @@ class Entry:
     @property
     def nodes_after(self) -> int:
         """Inputs plus nodes of the compiled graph (CompileStats.nodes_after)."""
-        return len(self.graph.nodes)
+        return self.graph.total_nodes
 
     def proto(self) -> ir_pb2.Graph:
         """The compiled graph as a Graph proto, encoded on first use and kept."""
@@ -85,7 +85,7 @@ class Entry:
         """(bytes, nodes) this entry holds in the cache: nodes, plan steps and kernels at
         NODE_BYTES each, plus constants' data and names/labels."""
         extra = sum(s.nbytes for s in self.sparsity.values())
-        return held_bytes(self.graph) + extra, len(self.graph.nodes)
+        return held_bytes(self.graph) + extra, self.graph.total_nodes
 
     def output_bytes(self) -> int:
         """A lower bound of the encoded size of all outputs: their raw data alone."""
@@ -189,7 +189,7 @@ class Compiler:
             graph = decode_graph(stored.graph, dataclasses.replace(
                 self.config, max_nodes=self.config.max_compiled_nodes))  # compiled sizes
             limit = self.config.max_compiled_nodes
-            if limit and len(graph.nodes) > limit:
+            if limit and graph.total_nodes > limit:
                 raise LimitExceededError("stored graph over max_compiled_nodes")
         except AdsvcError as e:
             log.warning("stored entry %s... refused: %s", key[:16], e)
@@ -218,8 +218,8 @@ class Compiler:
                             check=self._growth_check(graph, spec, check),
                             eval_bytes=self.config.max_eval_bytes)
         limit = self.config.max_compiled_nodes
-        if limit and len(out.nodes) > limit:
-            raise LimitExceededError(f"the compiled graph has {len(out.nodes)} nodes; the "
+        if limit and out.total_nodes > limit:
+            raise LimitExceededError(f"the compiled graph has {out.total_nodes} nodes; the "
                                      f"limit is {limit}", field="differentiation")
         if check is not None:
             check()
