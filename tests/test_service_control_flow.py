@@ -799,13 +799,23 @@ LONG = 3_000_000  # cheap iterations: seconds of work, far beyond the deadlines 
 
 
 def long_loops():
-    """(id, graph): a while_loop and a scan of LONG cheap iterations."""
+    """(id, graph): a while_loop, a scan, and a while_loop around 1000-step scans, each
+    of LONG cheap iterations. The plain scan's cost is known before it runs (the server
+    may refuse it up front); the while_loops' is not (they are stopped inside)."""
     wl = adsvc.trace(lambda x: adsvc.while_loop(
         lambda s: s[0] < float(LONG), lambda s: (s[0] + 1.0, s[1] * 0.999 + 0.001),
         (adsvc.zeros(()), x), max_iters=LONG + 1)[1], x=f64())
-    sc = adsvc.trace(lambda x: adsvc.scan(lambda s, _: (s * 0.999 + 0.001, None), x,
-                                          length=LONG)[0], x=f64())
-    return [("while_loop", wl), ("scan", sc)]
+
+    def steps(c, n):
+        return adsvc.scan(lambda s, _: (s * 0.999 + 0.001, None), c, length=n)[0]
+    sc = adsvc.trace(lambda x: steps(x, LONG), x=f64())
+    nested = adsvc.trace(lambda x: adsvc.while_loop(
+        lambda s: s[0] < float(LONG // 1000), lambda s: (s[0] + 1.0, steps(s[1], 1000)),
+        (adsvc.zeros(()), x), max_iters=LONG)[1], x=f64())
+    return [("while_loop", wl), ("scan", sc), ("scan-in-while", nested)]
+
+
+LONG_IDS = ["while_loop", "scan", "scan-in-while"]
 
 
 @pytest.fixture(scope="module")
@@ -855,11 +865,11 @@ def assert_stopped_and_serving(rpc, target, before):
     assert from_tensor(resp.outputs["out"]) == 192.0
 
 
-@pytest.mark.parametrize("name,graph", long_loops(), ids=["while_loop", "scan"])
+@pytest.mark.parametrize("name,graph", long_loops(), ids=LONG_IDS)
 def test_deadline_stops_a_long_loop(long_server, caplog, name, graph):
     """A 0.5 s deadline on 3M loop iterations: DEADLINE_EXCEEDED, the server's worker
-    stops inside the loop (its log counts fewer iterations than the loop has) and the
-    server keeps serving."""
+    stops (its log counts fewer iterations than the loop has: none for a loop refused by
+    its estimate) and the server keeps serving."""
     rpc, target = long_server
     before = stats(rpc).evaluations_interrupted
     rid = f"cf-deadline-{name}"
@@ -872,7 +882,7 @@ def test_deadline_stops_a_long_loop(long_server, caplog, name, graph):
     assert stopped_steps(caplog, rid, "DEADLINE_EXCEEDED") < LONG
 
 
-@pytest.mark.parametrize("name,graph", long_loops(), ids=["while_loop", "scan"])
+@pytest.mark.parametrize("name,graph", long_loops(), ids=LONG_IDS)
 def test_cancellation_stops_a_long_loop(long_server, caplog, name, graph):
     """Cancelling the call while the loop runs stops the server's loop too."""
     rpc, target = long_server
