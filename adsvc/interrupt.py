@@ -58,3 +58,24 @@ def loop_checker(body) -> Callable[[], None] | None:
             state[1] = 0.0
             interrupt(steps=state[0], upcoming=seconds)
     return tick
+
+
+# The passes run again over loop bodies from inside derivative rules, which take no
+# checker: differentiation makes its checker reachable from them for its duration.
+_COMPILING: ContextVar[Callable[[], None] | None] = ContextVar("adsvc_compile_check",
+                                                               default=None)
+
+
+@contextmanager
+def compiling(check: Callable[[], None] | None) -> Iterator[None]:
+    """Make `check` the one `compile_check()` returns inside the block."""
+    token = _COMPILING.set(check)
+    try:
+        yield
+    finally:
+        _COMPILING.reset(token)
+
+
+def compile_check() -> Callable[[], None] | None:
+    """The active differentiation's checker (deadlines, cancellation), or None."""
+    return _COMPILING.get()

@@ -536,7 +536,7 @@ def bad_protos():
         ("too-many-carries", scan_graph(tanh_body(), carries=5), AttributeError_,
          "nodes[id=2]", ("carries=5",)),
         ("cond-branch-shapes", cond_graph(unary("neg"), unary("broadcast_to", 2)),
-         InvalidGraphError, "nodes[id=4]", ("branch 1", "float64[2]", "same types")),
+         ShapeError, "nodes[id=4]", ("branch 1", "float64[2]", "same types")),
         ("cond-branch-dtypes", cond_graph(unary("neg"), unary("gt")), DTypeError,
          "nodes[id=4]", ("branch 1", "bool[]", "same types")),
     ]
@@ -747,8 +747,16 @@ def checkpointed_nest(depth: int):
 def test_differentiated_graphs_stay_within_the_nesting_limit(rpc):
     """A graph at MAX_DEPTH the server accepts: its reverse graph (the checkpointed scan
     adds a level) must either be refused with a limit error or come back as a graph the
-    codec reads, evaluating to the local gradient."""
-    g = checkpointed_nest(MAX_DEPTH)
+    codec reads, evaluating to the local gradient. (It is refused, by both clients; one
+    level less goes through.)"""
+    with pytest.raises(LimitExceededError, match="nests loop bodies 17 deep"):
+        LOCAL.value_and_grad(checkpointed_nest(MAX_DEPTH), x=0.3)
+    with pytest.raises(grpc.RpcError) as e:
+        rpc.Differentiate(S.DifferentiateRequest(
+            graph=adsvc.to_proto(checkpointed_nest(MAX_DEPTH)), differentiation=S.Differentiation(
+                modes=[S.MODE_REVERSE], seed=True)), timeout=60)
+    assert e.value.code() == EXHAUSTED and "nests loop bodies 17 deep" in e.value.details()
+    g = checkpointed_nest(MAX_DEPTH - 1)
     value, grads = LOCAL.value_and_grad(g, x=0.3)
     try:
         resp = rpc.Differentiate(S.DifferentiateRequest(

@@ -55,6 +55,17 @@ class Graph:
                         total += g.total_nodes
         return total
 
+    @cached_property
+    def depth(self) -> int:
+        """How deep sub-graphs nest in it (0: none; a loop body: 1; a loop in it: 2 ...)."""
+        deepest = 0
+        for n in self.nodes:
+            for _, v in n.attrs:
+                for g in (v if isinstance(v, tuple) else (v,)):
+                    if isinstance(g, Graph):
+                        deepest = max(deepest, 1 + g.depth)
+        return deepest
+
     def input(self, name: str) -> Node:
         """The input node called `name`; KeyError if there is none."""
         for n in self.inputs:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from adsvc.interrupt import compile_check
 from adsvc.ir.graph import Graph
 from adsvc.ir.node import Node, make
 from adsvc.ir.opdef import TUPLE, Attr, OpDef, register
@@ -25,7 +26,7 @@ from adsvc.passes.loop_rules import record_primal
 from adsvc.passes.loops import check_arity, check_binding, check_closed
 from adsvc.passes.reverse import vjp_graph
 from adsvc_protocol import dtypes
-from adsvc_protocol.errors import DTypeError, EvaluationError, InvalidGraphError
+from adsvc_protocol.errors import DTypeError, EvaluationError, InvalidGraphError, ShapeError
 
 
 def _cond_infer(ins, a):
@@ -47,7 +48,7 @@ def _cond_infer(ins, a):
             check_binding("cond", f"operand {i} (of {what})", x, gi.dtype, gi.shape)
         for j, ((_, o), (_, o0)) in enumerate(zip(g.outputs, first.outputs)):
             if (o.dtype, o.shape) != (o0.dtype, o0.shape):
-                raise (DTypeError if o.dtype != o0.dtype else InvalidGraphError)(
+                raise (DTypeError if o.dtype != o0.dtype else ShapeError)(
                     f"op 'cond': result {j} of {what} is {o.dtype}{list(o.shape)} but of "
                     f"branch 0 {o0.dtype}{list(o0.shape)}: branches must return the same "
                     "types")
@@ -84,7 +85,8 @@ def _cond_jvp(node: Node, ts):
         return None
     new = []
     for g in branches:
-        tg, _ = jvp_graph(g, [g.inputs[i] for i in act], [g.outputs[j][0] for j in live])
+        tg, _ = jvp_graph(g, [g.inputs[i] for i in act], [g.outputs[j][0] for j in live],
+                          check=compile_check())
         n_out = len(g.outputs)
         new.append(make_body(tg.inputs, _outs(tg), role_names("a", len(tg.inputs)),
                              role_names("r", n_out + len(live)), g.name))
@@ -106,7 +108,8 @@ def _cond_vjp(node: Node, ct):
         return [None] * len(node.inputs)
     new = []
     for g in branches:
-        vg, _ = vjp_graph(g, [g.inputs[i] for i in wrt], [g.outputs[j][0] for j in with_ct])
+        vg, _ = vjp_graph(g, [g.inputs[i] for i in wrt], [g.outputs[j][0] for j in with_ct],
+                          check=compile_check())
         grads = _outs(vg)[len(g.outputs):]
         new.append(make_body(vg.inputs, grads, role_names("a", len(vg.inputs)),
                              role_names("r", len(grads)), g.name))

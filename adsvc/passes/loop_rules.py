@@ -30,6 +30,7 @@ from contextvars import ContextVar
 
 import numpy as np
 
+from adsvc.interrupt import compile_check
 from adsvc.ir.graph import Graph
 from adsvc.ir.node import Node, constant, make
 from adsvc.ops import api as A
@@ -116,7 +117,8 @@ def tangent_body(body: Graph, n_c: int, n_x: int, act: set[int]):
     ak = [i - n_c - n_x for i in sorted(act) if i >= n_c + n_x]
     ay = [j - n_c for j in range(n_c, len(outs)) if id(outs[j]) in live and _float(outs[j])]
     targets = ac + [n_c + j for j in ay]
-    tg, _ = jvp_graph(body, wrt, [body.outputs[j][0] for j in targets])
+    tg, _ = jvp_graph(body, wrt, [body.outputs[j][0] for j in targets],
+                      check=compile_check())
     n_in, n_out = len(body.inputs), len(outs)
     tan_in = dict(zip(sorted(act), tg.inputs[n_in:]))
     tan_out = dict(zip(targets, _outs(tg)[n_out:]))
@@ -215,7 +217,7 @@ def backward_body(body: Graph, n_c: int, n_x: int, fc, ax, ak, yc, sc) -> Graph:
     n_k = len(b_in) - n_c - n_x
     wrt = [b_in[i] for i in fc] + [b_in[n_c + i] for i in ax] + [b_in[n_c + n_x + i] for i in ak]
     targets = [body.outputs[i][0] for i in fc] + [body.outputs[n_c + j][0] for j in yc]
-    vg, _ = vjp_graph(body, wrt, targets)
+    vg, _ = vjp_graph(body, wrt, targets, check=compile_check())
 
     def types(idx, base=0):
         return [(b_in[base + i].dtype, b_in[base + i].shape) for i in idx]

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from adsvc.interrupt import Checker
+from adsvc.interrupt import Checker, compiling
+from adsvc.ir.codec import MAX_DEPTH
 from adsvc.ir.graph import Graph
 from adsvc.ir.opdef import BILINEAR, OPS
 from adsvc.passes.activity import active_nodes, wrt_nodes
@@ -11,7 +12,7 @@ from adsvc.passes.loop_rules import carry_budget, share_saved
 from adsvc.passes.reverse import vjp_graph
 from adsvc.passes.simplify import simplify
 from adsvc_protocol import dtypes
-from adsvc_protocol.errors import InvalidRequestError
+from adsvc_protocol.errors import InvalidRequestError, LimitExceededError
 from adsvc_protocol.modes import normalize_modes
 
 
@@ -35,13 +36,20 @@ def differentiate(graph: Graph, mode="reverse", wrt=None, order: int | None = No
     # graphs need no second pass; the input graph gets one, which is also the guarantee
     # for graphs built by other means.
     g = simplify(graph, check)
-    for k, m in enumerate(modes, start=1):
-        if m == "forward":
-            g, targets = jvp_graph(g, wrt_list, targets, k, check)
-        else:
-            g, targets = vjp_graph(g, wrt_list, targets, seed=seed and k == 1, k=k,
-                                   check=check)
-    return share_saved(g)
+    with compiling(check):  # the passes that derivative rules run over loop bodies check too
+        for k, m in enumerate(modes, start=1):
+            if m == "forward":
+                g, targets = jvp_graph(g, wrt_list, targets, k, check)
+            else:
+                g, targets = vjp_graph(g, wrt_list, targets, seed=seed and k == 1, k=k,
+                                       check=check)
+    g = share_saved(g)
+    if g.depth > MAX_DEPTH:
+        raise LimitExceededError(
+            f"the differentiated graph nests loop bodies {g.depth} deep (a checkpointed "
+            f"loop's derivative adds a level); the limit is {MAX_DEPTH}",
+            field="differentiation")
+    return g
 
 
 # nodes a pass adds per active node (measured on random scalar graphs: 2.1; the

@@ -123,6 +123,11 @@ def check_elements(graph: Graph, config: ServerConfig, what: str) -> None:
             raise LimitExceededError(
                 f"{what} node {i} ({n.op}) has shape {list(n.shape)} = {size} elements; the "
                 f"limit is {limit}", field="nodes" if n.op != "input" else f"inputs.{n.name}")
+        for k, v in n.attrs:  # loop bodies and branches: the same limit inside
+            for j, sub in enumerate(v if isinstance(v, tuple) else (v,)):
+                if isinstance(sub, Graph):
+                    check_elements(sub, config, f"{what}'s node {i} ({n.op}) {k}"
+                                   + (f"[{j}]" if isinstance(v, tuple) else "") + ":")
 
 
 def decode_graph(proto: ir_pb2.Graph, config: ServerConfig,
