@@ -10,7 +10,7 @@ from adsvc.passes.pipeline import compile_graph, signature
 from adsvc.passes.sparsity import sparsity
 from adsvc.passes.sweeps import sweeps_graph
 from adsvc.runtime.cost import held_bytes, memory_fraction
-from adsvc.runtime.plan import Plan
+from adsvc.runtime.plan import plan_for
 from adsvc_protocol.client import ClientBase, Compiled
 from adsvc_protocol.errors import DeadlineExceededError, LimitExceededError
 from adsvc_protocol.lru import LRUCache
@@ -70,12 +70,12 @@ class LocalClient(ClientBase):
             return hit
         out = build()
         ins, outs = signature(out)
-        compiled = Compiled(Plan(out), ins, outs, out)
+        compiled = Compiled(plan_for(out), ins, outs, out)
         self.cache.put(key, compiled, weight=(held_bytes(out), out.total_nodes))
         return compiled
 
     def _run(self, compiled, feeds, timeout):
-        plan = compiled.handle
+        plan = compiled.handle.bound(feeds)  # a graph with symbolic sizes: bound by feeds
         if self.max_eval_bytes and plan.cost.peak_bytes > self.max_eval_bytes:
             raise LimitExceededError(
                 f"this evaluation needs about {plan.cost.peak_bytes / 2**20:.1f} MiB at its "

@@ -15,40 +15,47 @@ from adsvc.ir.graph import Graph
 from adsvc.ir.node import input_node
 from adsvc.passes.transforms import named_outputs
 from adsvc_protocol import dtypes
+from adsvc_protocol.dims import as_dim
 from adsvc_protocol.names import check_user_name
 
 
 @dataclass(frozen=True)
 class Spec:
-    """The declared type of a traced input."""
+    """The declared type of a traced input. A dimension given by name ("n") is
+    symbolic: the graph works for every size, bound by the feeds at evaluation."""
 
     dtype: str
-    shape: tuple[int, ...] = ()
+    shape: tuple = ()
 
 
-def f64(*shape: int) -> Spec:
-    """The type of a float64 input of `shape` (none: a scalar), for `trace`."""
-    return Spec(dtypes.FLOAT64, tuple(shape))
+def _shape(shape) -> tuple:
+    return tuple(as_dim(d) for d in shape)
 
 
-def f32(*shape: int) -> Spec:
-    """The type of a float32 input of `shape` (none: a scalar), for `trace`."""
-    return Spec(dtypes.FLOAT32, tuple(shape))
+def f64(*shape) -> Spec:
+    """The type of a float64 input of `shape` (none: a scalar; a name such as "n": a
+    symbolic dimension), for `trace`: `f64(3, 4)`, `f64("n")`, `f64("n", 3)`."""
+    return Spec(dtypes.FLOAT64, _shape(shape))
 
 
-def i64(*shape: int) -> Spec:
-    """The type of an int64 input of `shape` (none: a scalar), for `trace`."""
-    return Spec(dtypes.INT64, tuple(shape))
+def f32(*shape) -> Spec:
+    """The type of a float32 input of `shape` (names: symbolic dimensions), for `trace`."""
+    return Spec(dtypes.FLOAT32, _shape(shape))
 
 
-def i32(*shape: int) -> Spec:
-    """The type of an int32 input of `shape` (none: a scalar), for `trace`."""
-    return Spec(dtypes.INT32, tuple(shape))
+def i64(*shape) -> Spec:
+    """The type of an int64 input of `shape` (names: symbolic dimensions), for `trace`."""
+    return Spec(dtypes.INT64, _shape(shape))
 
 
-def boolean(*shape: int) -> Spec:
-    """The type of a bool input of `shape` (none: a scalar), for `trace`."""
-    return Spec(dtypes.BOOL, tuple(shape))
+def i32(*shape) -> Spec:
+    """The type of an int32 input of `shape` (names: symbolic dimensions), for `trace`."""
+    return Spec(dtypes.INT32, _shape(shape))
+
+
+def boolean(*shape) -> Spec:
+    """The type of a bool input of `shape` (names: symbolic dimensions), for `trace`."""
+    return Spec(dtypes.BOOL, _shape(shape))
 
 
 def trace(fn: Callable, name: str | None = None, **specs: Spec) -> Graph:

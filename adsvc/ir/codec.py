@@ -21,6 +21,7 @@ from adsvc.ir.graph import Graph
 from adsvc.ir.node import Node, constant, input_node, make
 from adsvc.ir.opdef import OPS, check_shape
 from adsvc_protocol import dtypes
+from adsvc_protocol.dims import Dim, is_symbolic
 from adsvc_protocol.errors import (
     ArityError,
     AttributeError_,
@@ -38,7 +39,16 @@ from adsvc_protocol.errors import (
 )
 from adsvc_protocol.graphs import GraphCodec, proto_key
 from adsvc_protocol.proto import ir_pb2
-from adsvc_protocol.tensors import TO_ENUM, dtype_from_enum, from_tensor, to_tensor
+from adsvc_protocol.tensors import (
+    TO_ENUM,
+    dtype_from_enum,
+    from_tensor,
+    ints_from_proto,
+    ints_to_proto,
+    shape_from_proto,
+    to_tensor,
+    type_to_proto,
+)
 
 IR_VERSION = 2  # the newest Graph message layout this reader and writer know
 OPSET_VERSION = 2  # the newest op set (names, attributes, semantics) of the op table
@@ -95,6 +105,8 @@ def _attr_to_proto(v) -> ir_pb2.AttrValue:
         return ir_pb2.AttrValue(graph=_encode(v))
     if isinstance(v, tuple) and v and all(map(_is_graph, v)):
         return ir_pb2.AttrValue(graphs=ir_pb2.GraphList(graphs=[_encode(g) for g in v]))
+    if isinstance(v, Dim):
+        return ir_pb2.AttrValue(dim=str(v))
     if isinstance(v, bool):
         return ir_pb2.AttrValue(b=v)
     if isinstance(v, int):
@@ -102,7 +114,8 @@ def _attr_to_proto(v) -> ir_pb2.AttrValue:
     if isinstance(v, float):
         return ir_pb2.AttrValue(f=v)
     if isinstance(v, tuple):
-        return ir_pb2.AttrValue(ints=ir_pb2.IntList(values=list(v)))
+        values, symbols = ints_to_proto(v)
+        return ir_pb2.AttrValue(ints=ir_pb2.IntList(values=values, symbols=symbols))
     if isinstance(v, str) and v in TO_ENUM:
         return ir_pb2.AttrValue(dtype=TO_ENUM[v])
     return ir_pb2.AttrValue(s=str(v))
@@ -120,11 +133,12 @@ def graph_to_proto(graph: Graph) -> ir_pb2.Graph:
 def _encode(graph: Graph) -> ir_pb2.Graph:
     nodes = graph.nodes
     ids = {id(n): i for i, n in enumerate(nodes)}
-    v2 = any(n.op in OPSET2_OPS for n in nodes)
-    g = ir_pb2.Graph(ir_version=2 if v2 else 1, opset_version=2 if v2 else 1, name=graph.name)
+    ops2 = any(n.op in OPSET2_OPS for n in nodes)
+    ir2 = ops2 or graph.symbolic
+    g = ir_pb2.Graph(ir_version=2 if ir2 else 1, opset_version=2 if ops2 else 1,
+                     name=graph.name)
     for n in nodes:
-        t = None if n.types is not None else ir_pb2.TensorType(dtype=TO_ENUM[n.dtype],
-                                                                dims=n.shape)
+        t = None if n.types is not None else type_to_proto(n.dtype, n.shape)
         if n.op == "input":
             g.inputs.add(id=ids[id(n)], name=n.name, type=t)
             continue
@@ -184,7 +198,9 @@ def _attr_from_proto(a: ir_pb2.AttrValue, where: str, limits: Limits):
     if kind is None:
         raise AttributeError_("attribute value is empty", field=where)
     if kind == "ints":
-        return tuple(a.ints.values)
+        return ints_from_proto(a.ints.values, a.ints.symbols, where)
+    if kind == "dim":
+        return ints_from_proto([-1], [a.dim], where)[0]
     if kind == "dtype":
         return dtype_from_enum(a.dtype, where, AttributeError_)
     if kind == "graph":
@@ -203,7 +219,7 @@ def _wire_node(p: ir_pb2.Node, limits: Limits) -> WireNode:
     declared = None
     if p.HasField("type") and p.type.dtype:
         declared = (dtype_from_enum(p.type.dtype, f"{where}.type", InvalidGraphError),
-                    tuple(p.type.dims))
+                    shape_from_proto(p.type, f"{where}.type"))
     return WireNode(p.id, p.op, list(p.operands), attrs, value, p.label, declared)
 
 
@@ -216,7 +232,7 @@ def proto_to_wire(g: ir_pb2.Graph, limits: Limits | None = None) -> WireGraph:
     for p in g.inputs:
         where = f"inputs[id={p.id}]"
         dt = dtype_from_enum(p.type.dtype, where, InvalidGraphError) if p.type.dtype else None
-        inputs.append(WireInput(p.id, p.name, dt, tuple(p.type.dims)))
+        inputs.append(WireInput(p.id, p.name, dt, shape_from_proto(p.type, where)))
     nodes = []
     for i, p in enumerate(g.nodes):
         if check is not None and i % CHECK_EVERY == 0:
@@ -247,6 +263,9 @@ def _check_versions(wire: WireGraph) -> None:
                 raise VersionError(f"op {n.op!r} is in opset 2; the graph declares opset "
                                    f"{wire.opset_version}", field=f"nodes[id={n.id}]")
     if wire.ir_version < 2:
+        if any(is_symbolic(w.shape) for w in wire.inputs):
+            raise VersionError("symbolic dimensions need IR version 2; the graph declares "
+                               f"{wire.ir_version}", field="inputs")
         for n in wire.nodes:
             if any(isinstance(v, Graph) or (isinstance(v, tuple) and v and _is_graph(v[0]))
                    for v in n.attrs.values()):

@@ -7,6 +7,7 @@ from functools import cached_property
 
 from adsvc.ir.node import Node
 from adsvc.ir.text import to_text
+from adsvc_protocol.dims import Dim
 
 
 class Graph:
@@ -65,6 +66,20 @@ class Graph:
                     if isinstance(g, Graph):
                         deepest = max(deepest, 1 + g.depth)
         return deepest
+
+    @cached_property
+    def symbolic(self) -> bool:
+        """Does a type or attribute in it (or in its sub-graphs) have a symbolic dimension
+        (`adsvc_protocol.dims.Dim`)? Then it is evaluated through `passes.specialize`."""
+        for n in self.nodes:
+            shapes = [n.shape] + [sh for _, sh in n.types or ()]
+            if any(isinstance(d, Dim) for sh in shapes for d in sh):
+                return True
+            for _, v in n.attrs:
+                for x in (v if isinstance(v, tuple) else (v,)):
+                    if isinstance(x, Dim) or (isinstance(x, Graph) and x.symbolic):
+                        return True
+        return False
 
     def input(self, name: str) -> Node:
         """The input node called `name`; KeyError if there is none."""

@@ -29,6 +29,7 @@ from adsvc.ir.opdef import check_and_infer
 from adsvc.ir.operators import NodeOperators
 from adsvc.ir.rewrites import Rewriter
 from adsvc_protocol import dtypes
+from adsvc_protocol.dims import as_dim
 from adsvc_protocol.errors import DTypeError
 
 Attrs = tuple[tuple[str, Any], ...]
@@ -151,7 +152,7 @@ def _fields(op, inputs=(), attrs=(), dtype="float64", shape=(), value=None, name
 
 def input_node(name: str, dtype: str, shape: tuple[int, ...]) -> Node:
     """The graph input called `name` with the given type."""
-    shape = tuple(int(d) for d in shape)
+    shape = tuple(as_dim(d) for d in shape)
     return _intern(("input", name, dtype, shape),
                    _fields("input", dtype=dtype, shape=shape, name=name))
 

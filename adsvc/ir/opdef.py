@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from adsvc_protocol import dtypes
+from adsvc_protocol.dims import Dim, as_dim
 from adsvc_protocol.errors import ArityError, AttributeError_, ShapeError, UnknownOpError
 
 REQUIRED = object()
@@ -102,12 +103,12 @@ def get(name: str) -> OpDef:
 def _check_attr(op: str, key: str, spec: Attr, v: Any) -> Any:
     kind = spec.kind
     ok = {
-        "int": lambda: isinstance(v, int) and not isinstance(v, bool),
+        "int": lambda: (isinstance(v, int) and not isinstance(v, bool)) or isinstance(v, Dim),
         "float": lambda: isinstance(v, (int, float)) and not isinstance(v, bool),
         "str": lambda: isinstance(v, str),
         "bool": lambda: isinstance(v, bool),
         "ints": lambda: isinstance(v, tuple) and all(
-            isinstance(x, int) and not isinstance(x, bool) for x in v),
+            (isinstance(x, int) and not isinstance(x, bool)) or isinstance(x, Dim) for x in v),
         "dtype": lambda: v in dtypes.DTYPES,
         "graph": lambda: _is_graph(v),
         "graphs": lambda: isinstance(v, tuple) and len(v) > 0 and all(map(_is_graph, v)),
@@ -156,11 +157,11 @@ def check_and_infer(op: str, inputs: tuple, attrs: tuple) -> tuple[str, tuple, t
     dtype, shape = d.infer(inputs, full)
     types = None
     if dtype == TUPLE:
-        types = tuple((dt, tuple(int(x) for x in sh)) for dt, sh in shape)
+        types = tuple((dt, tuple(as_dim(x) for x in sh)) for dt, sh in shape)
         for _, sh in types:
             check_shape(op, sh)
         shape = ()
-    shape = tuple(int(s) for s in shape)
+    shape = tuple(as_dim(s) for s in shape)
     check_shape(op, shape)
     return dtype, shape, tuple(sorted(full.items())), types
 
@@ -168,9 +169,11 @@ def check_and_infer(op: str, inputs: tuple, attrs: tuple) -> tuple[str, tuple, t
 MAX_ELEMENTS = 2**62  # beyond this, element counts and byte sizes overflow int64
 
 
-def check_shape(what: str, shape: tuple[int, ...]) -> None:
-    """Every dimension >= 0 and the element count representable (exact Python ints)."""
-    if any(d < 0 for d in shape):
+def check_shape(what: str, shape: tuple) -> None:
+    """Every dimension >= 0 and the element count representable (exact Python ints);
+    symbolic dimensions are checked when they are bound."""
+    fixed = [d for d in shape if not isinstance(d, Dim)]
+    if any(d < 0 for d in fixed):
         raise ShapeError(f"{what}: negative dimension in {list(shape)}")
-    if math.prod(shape) >= MAX_ELEMENTS or any(d >= MAX_ELEMENTS for d in shape):
+    if math.prod(fixed) >= MAX_ELEMENTS or any(d >= MAX_ELEMENTS for d in fixed):
         raise ShapeError(f"{what}: shape {list(shape)} has too many elements")

@@ -11,6 +11,19 @@ from __future__ import annotations
 import builtins
 
 
+def _symbolic_indices(i, d):
+    """(start, stop, step) of slice `i` over a symbolic axis of size `d`: negative
+    bounds count from the end; bounds are not clamped (checked once `d` is bound)."""
+    step = 1 if i.step is None else int(i.step)
+
+    def bound(v, default):
+        if v is None:
+            return default
+        v = int(v)
+        return v if v >= 0 else d + v
+    return bound(i.start, 0), bound(i.stop, d), step
+
+
 class NodeOperators:
     """Python operators and array-style methods for nodes: a mixin of `Node` (see the
     module docstring)."""
@@ -105,16 +118,21 @@ class NodeOperators:
         for axis, d in enumerate(self.shape):
             i = idx[axis] if axis < len(idx) else builtins.slice(None)
             if isinstance(i, builtins.slice):
-                a, b, s = i.indices(d)
+                a, b, s = i.indices(d) if isinstance(d, int) else _symbolic_indices(i, d)
                 if s <= 0:
                     raise IndexError("only positive slice steps are supported")
-                starts.append(a), stops.append(builtins.max(a, b)), steps.append(s)
+                starts.append(a), stops.append(b if not isinstance(a, int) or not
+                                               isinstance(b, int) else builtins.max(a, b))
+                steps.append(s)
                 continue
             if not hasattr(i, "__index__"):
                 raise IndexError(f"unsupported index {i!r}: use ints, slices or take()")
-            if not -d <= int(i) < d:
+            if not isinstance(d, int):  # a symbolic axis: from the front, or from the end
+                i = int(i) if int(i) >= 0 else d + int(i)
+            elif not -d <= int(i) < d:
                 raise IndexError(f"index {i} out of range for axis {axis} of size {d}")
-            i = int(i) % d
+            else:
+                i = int(i) % d
             starts.append(i), stops.append(i + 1), steps.append(1), squeeze.append(axis)
         out = self._apply("slice", {"starts": tuple(starts), "stops": tuple(stops),
                                     "steps": tuple(steps)})

@@ -120,8 +120,8 @@ RULES: dict[str, tuple[Rule, ...]] = {
 
 def fold(n: Node, b: Builder) -> Node | None:
     """A small node whose operands are all constants becomes a constant (any op)."""
-    if (not n.inputs or n.size > FOLD_LIMIT or n.types is not None
-            or any(i.op != "constant" for i in n.inputs)):
+    if (not n.inputs or n.types is not None or any(i.op != "constant" for i in n.inputs)
+            or not isinstance(n.size, int) or n.size > FOLD_LIMIT):
         return None
     try:
         with np.errstate(all="ignore"):

@@ -70,8 +70,13 @@ def _sum_jvp(node, ts):
 
 
 def _count(node):
+    """How many elements each result averages: a number, or, over symbolic axes, a node
+    that counts them when the sizes are bound (the sum of ones of those axes)."""
     x = node.inputs[0]
-    return float(np.prod([x.shape[a] for a in _axes(node)]))
+    dims = [x.shape[a] for a in _axes(node)]
+    if all(isinstance(d, int) for d in dims):
+        return float(np.prod(dims))
+    return A.sum(A.ones(tuple(dims), x.dtype))
 
 
 def _mean_jvp(node, ts):

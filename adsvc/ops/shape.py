@@ -13,6 +13,7 @@ from adsvc.ops import api as A
 from adsvc.ops import patterns
 from adsvc.ops.rules import broadcast_shapes, norm_axis, same_dtype
 from adsvc_protocol import dtypes
+from adsvc_protocol.dims import Dim, check_le
 from adsvc_protocol.errors import AttributeError_, DTypeError, ShapeError
 
 
@@ -28,10 +29,18 @@ def _linear(op_fn):
 def _reshape_infer(ins, attrs):
     x, = ins
     shape = list(attrs["shape"])
-    if shape.count(-1) > 1 or builtins.any(d < -1 for d in shape):
+    fixed = [d for d in shape if isinstance(d, int)]
+    if shape.count(-1) > 1 or builtins.any(d < -1 for d in fixed):
         raise AttributeError_(f"op 'reshape': bad target shape {shape}")
-    known = math.prod(d for d in shape if d != -1)
+    known = math.prod(d for d in shape if not isinstance(d, int) or d != -1)
     if -1 in shape:
+        if not isinstance(x.size, int) or not isinstance(known, int):
+            rest = Dim.divide(x.size, known) if isinstance(x.size, Dim) else None
+            if rest is None:
+                raise ShapeError(f"op 'reshape': cannot reshape {list(x.shape)} to {shape}: "
+                                 "the -1 is not an exact quotient of the symbolic sizes")
+            shape[shape.index(-1)] = rest
+            return x.dtype, tuple(shape)
         if known == 0 or x.size % known:
             raise ShapeError(f"op 'reshape': cannot reshape {list(x.shape)} to {shape}")
         shape[shape.index(-1)] = x.size // known
@@ -147,17 +156,33 @@ def _slice_params(x, attrs):
     stops = _per_axis("slice", attrs, "stops", x.ndim, 0)
     steps = _per_axis("slice", attrs, "steps", x.ndim, 1)
     for ax, (a, b, s, d) in enumerate(zip(starts, stops, steps, x.shape)):
-        if s < 1 or not 0 <= a <= b <= d:
-            raise AttributeError_(
+        def bad(ax=ax, a=a, b=b, s=s, d=d):
+            return AttributeError_(
                 f"op 'slice': axis {ax}: need 0 <= start <= stop <= {d} and step >= 1, "
                 f"got start={a} stop={b} step={s}")
+        if not isinstance(s, int) or s < 1:
+            raise bad()
+        for lo, hi in ((0, a), (a, b), (b, d)):  # symbolic: checked again once bound
+            check_le(lo, hi, bad)
     return starts, stops, steps
+
+
+def _slice_len(a, b, s):
+    if isinstance(a, int) and isinstance(b, int):
+        return len(range(a, b, s))
+    if s == 1:
+        return b - a
+    n = (b - a + s - 1).divide(s) if not isinstance(b - a + s - 1, int) else None
+    if n is None:
+        raise ShapeError(f"op 'slice': a step of {s} over {b - a} symbolic elements has no "
+                         "exact length; slice with step 1 or bind the size first")
+    return n
 
 
 def _slice_infer(ins, attrs):
     x, = ins
     starts, stops, steps = _slice_params(x, attrs)
-    return x.dtype, tuple(len(range(a, b, s)) for a, b, s in zip(starts, stops, steps))
+    return x.dtype, tuple(_slice_len(a, b, s) for a, b, s in zip(starts, stops, steps))
 
 
 def _slice_kernel(attrs):
@@ -171,7 +196,7 @@ def _slice_kernel(attrs):
 def _slice_vjp(node, ct):
     x = node.inputs[0]
     starts, _, steps = _slice_params(x, dict(node.attrs))
-    if node.size == 0:
+    if isinstance(node.size, int) and node.size == 0:
         return [A.zeros_like(x)]
     low, high, interior = [], [], []
     for a, s, m, d in zip(starts, steps, node.shape, x.shape):
@@ -196,15 +221,16 @@ def _pad_params(x, attrs):
     low = _per_axis("pad", attrs, "low", x.ndim, 0)
     high = _per_axis("pad", attrs, "high", x.ndim, 0)
     interior = _per_axis("pad", attrs, "interior", x.ndim, 0)
-    if builtins.any(v < 0 for v in low + high + interior):
-        raise AttributeError_("op 'pad': low, high and interior must be >= 0")
+    for v in low + high + interior:
+        check_le(0, v, lambda: AttributeError_("op 'pad': low, high and interior must be "
+                                               ">= 0"))
     return low, high, interior
 
 
 def _pad_infer(ins, attrs):
     x, = ins
     low, high, interior = _pad_params(x, attrs)
-    shape = tuple(lo + hi + (d + (d - 1) * i if d else 0)
+    shape = tuple(lo + hi + (d + (d - 1) * i if not isinstance(d, int) or d else 0)
                   for lo, hi, i, d in zip(low, high, interior, x.shape))
     return x.dtype, shape
 
@@ -225,7 +251,8 @@ def _pad_kernel(attrs):
 def _pad_vjp(node, ct):
     x = node.inputs[0]
     low, _, interior = _pad_params(x, dict(node.attrs))
-    stops = [lo + (d - 1) * (i + 1) + 1 if d else lo for lo, i, d in zip(low, interior, x.shape)]
+    stops = [lo + (d - 1) * (i + 1) + 1 if not isinstance(d, int) or d else lo
+             for lo, i, d in zip(low, interior, x.shape)]
     return [A.slice(ct, low, stops, [i + 1 for i in interior])]
 
 

@@ -95,6 +95,10 @@ def _checkpoint(checkpoint, n: int) -> int:
     (store every carry), True -> every ⌈√n⌉-th, an int k -> every k-th."""
     if checkpoint is None:
         return 0
+    if checkpoint is True and not isinstance(n, int):
+        raise InvalidRequestError(f"checkpoint=True needs a known length, not {n}: give "
+                                  "an interval (checkpoint=k) or bind the size",
+                                  field="checkpoint")
     if checkpoint is True:
         return max(1, math.isqrt(max(n - 1, 0)) + 1)
     if checkpoint is False:

@@ -257,12 +257,15 @@ def _expand_saved(ct: Node, length: int, save: int) -> Node:
 def checkpoint_interval(node: Node, p) -> int:
     """1: store every carry; k > 1: store every k-th (only forward scans without a trip
     count are checkpointed; the backward scans of derivatives store)."""
-    if p.count is not None or p.reverse or p.save or p.length < 4:
+    if p.count is not None or p.reverse or p.save or not isinstance(p.length, int) \
+            or p.length < 4:  # a symbolic length: stored whole (segments need its value)
         return 1
     asked = node.attr("checkpoint")
     if asked >= 1:
         return min(asked, p.length)
     stored = p.length * sum(_nbytes(c) for c in p.carries)
+    if not isinstance(stored, int):  # symbolic carries: the budget is checked when bound
+        return 1
     return math.isqrt(p.length - 1) + 1 if stored > _BUDGET.get() else 1
 
 

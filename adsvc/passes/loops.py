@@ -27,6 +27,7 @@ from adsvc.interrupt import loop_checker
 from adsvc.ir.node import Node
 from adsvc.ir.opdef import TUPLE, Attr, OpDef, register
 from adsvc_protocol import dtypes
+from adsvc_protocol.dims import Dim, known_le
 from adsvc_protocol.errors import (
     AttributeError_,
     DTypeError,
@@ -115,15 +116,22 @@ def scan_parts(inputs, attrs: dict) -> ScanParts:
                      attrs["length"], attrs.get("reverse", False), attrs.get("save", 0))
 
 
-def saved_rows(length: int, save: int) -> int:
-    """How many carries a scan with `save` = s stores (steps 0, s, 2s, …)."""
-    return math.ceil(length / save) if save else 0
+def saved_rows(length, save: int):
+    """How many carries a scan with `save` = s stores (steps 0, s, 2s, …); a symbolic
+    length is stored whole (save = 1: checkpoints need a known length)."""
+    if not save:
+        return 0
+    if isinstance(length, Dim):
+        if save != 1:
+            raise AttributeError_(f"op 'scan': save={save} needs a known length, not {length}")
+        return length
+    return math.ceil(length / save)
 
 
 def _scan_infer(ins, a):
     p = scan_parts(ins, a)
     body = a["body"]
-    if p.length < 0 or p.save < 0:
+    if known_le(0, p.length) is False or p.save < 0:
         raise AttributeError_("op 'scan': length and save must be >= 0")
     if p.count is not None:
         check_count("scan", p.count)

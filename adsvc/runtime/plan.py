@@ -19,9 +19,12 @@ from adsvc.interrupt import CHECK_EVERY, CHECK_SECONDS, Interrupt, interrupting
 from adsvc.ir.graph import Graph
 from adsvc.ir.opdef import OPS
 from adsvc.passes.loop_memory import loop_memory
+from adsvc.passes.specialize import specialize
 from adsvc.runtime.cost import Cost, observe, plan_cost, speed
-from adsvc_protocol.errors import AdsvcError, EvaluationError, LimitExceededError
+from adsvc_protocol.dims import bind, symbols_of
+from adsvc_protocol.errors import AdsvcError, EvaluationError, InputError, LimitExceededError
 from adsvc_protocol.feeds import check_feeds
+from adsvc_protocol.lru import LRUCache
 
 
 class Plan:
@@ -105,6 +108,10 @@ class Plan:
                 vals[s] = None
         return [vals[s] for _, s in self.outputs]
 
+    def bound(self, feeds: Mapping[str, object]) -> Plan:
+        """This plan (its sizes are fixed; see `SymbolicPlan.bound`)."""
+        return self
+
     def memory_note(self) -> str:
         """What a refusal by the memory budget should add: the loop that stores the
         most for a backward sweep, and how to store less ("" if no loop stores much)."""
@@ -186,3 +193,47 @@ def _owned(value, is_input: bool) -> np.ndarray:
     a = np.asarray(value)
     return a.copy() if is_input or not a.flags.writeable else a
 
+
+
+class SymbolicPlan:
+    """A graph with symbolic dimensions, compiled (differentiated) once and evaluated at
+    any sizes: each run binds the symbols from the feeds' shapes (`dims.bind`, errors
+    name the symbol two feeds disagree on), specializes the graph to them
+    (`passes.specialize`) and runs its plan; the plans of the last `keep` bindings are
+    kept. Limits (memory, deadlines) are those of the bound plan."""
+
+    def __init__(self, graph: Graph, keep: int = 8):
+        self.graph = graph
+        self.inputs = {n.name: (n.dtype, n.shape) for n in graph.inputs}
+        self.symbols = sorted(symbols_of(self.inputs))
+        self._plans: LRUCache = LRUCache(keep)
+
+    def binding(self, feeds: Mapping[str, object]) -> dict[str, int]:
+        """The size of every symbol, from the shapes of `feeds`."""
+        shapes = {k: np.shape(v) for k, v in feeds.items() if k in self.inputs}
+        got = bind(self.inputs, shapes)
+        missing = [s for s in self.symbols if s not in got]
+        if missing:
+            raise InputError(f"the dimension {missing[0]!r} is not bound: feed an input whose "
+                             "shape has it", field="inputs")
+        return got
+
+    def bound(self, feeds: Mapping[str, object]) -> Plan:
+        """The plan of the graph at the sizes of `feeds`."""
+        binding = self.binding(feeds)
+        key = tuple(binding[s] for s in self.symbols)
+        plan = self._plans.get(key)
+        if plan is None:
+            plan = Plan(specialize(self.graph, binding))
+            self._plans.put(key, plan)
+        return plan
+
+    def run(self, feeds: Mapping[str, object],
+            interrupt: Interrupt | None = None) -> dict[str, np.ndarray]:
+        """`Plan.run` of the plan at the sizes of `feeds`."""
+        return self.bound(feeds).run(feeds, interrupt)
+
+
+def plan_for(graph: Graph, check=None) -> Plan | SymbolicPlan:
+    """A `Plan` of `graph`, or a `SymbolicPlan` when its dimensions are symbolic."""
+    return SymbolicPlan(graph) if graph.symbolic else Plan(graph, check)

@@ -44,7 +44,7 @@ from adsvc_protocol.errors import (
 )
 from adsvc_protocol.modes import REVERSE, mode_from_enum
 from adsvc_protocol.proto import ir_pb2, service_pb2, service_pb2_grpc
-from adsvc_protocol.tensors import TO_ENUM, to_tensor
+from adsvc_protocol.tensors import to_tensor, type_to_proto
 
 log = logging.getLogger("adsvc.server")
 REQUEST_ID = "x-request-id"
@@ -545,4 +545,4 @@ def _cost(entry) -> str:
 
 
 def _type(dtype: str, shape) -> ir_pb2.TensorType:
-    return ir_pb2.TensorType(dtype=TO_ENUM[dtype], dims=list(shape))
+    return type_to_proto(dtype, shape)

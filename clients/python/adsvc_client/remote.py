@@ -41,7 +41,7 @@ from adsvc_protocol.lru import LRUCache
 from adsvc_protocol.modes import TO_ENUM
 from adsvc_protocol.proto import ir_pb2, service_pb2, service_pb2_grpc
 from adsvc_protocol.secrets import read_secret_file
-from adsvc_protocol.tensors import dtype_from_enum, from_tensor, to_tensor
+from adsvc_protocol.tensors import dtype_from_enum, from_tensor, shape_from_proto, to_tensor
 
 SERVICE = "adsvc.v1.AutodiffService"
 DEFAULT_MAX_MESSAGE_BYTES = 64 * 1024 * 1024
@@ -120,7 +120,7 @@ def _read_token(path: str) -> str:
 
 def _signature(named) -> dict[str, tuple[str, tuple[int, ...]]]:
     return {t.name: (dtype_from_enum(t.type.dtype, t.name, E.AdsvcError),
-                     tuple(int(d) for d in t.type.dims)) for t in named}
+                     shape_from_proto(t.type, t.name)) for t in named}
 
 
 def _encode_feeds(compiled: Compiled, feeds: Mapping[str, object],

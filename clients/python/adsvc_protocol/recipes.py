@@ -11,6 +11,7 @@ color of the backend's `Sparsity` (pattern and colorings), recovered by
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -18,8 +19,8 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from adsvc_protocol import dtypes, names
-from adsvc_protocol.errors import InvalidRequestError
+from adsvc_protocol import dims, dtypes, names
+from adsvc_protocol.errors import InputError, InvalidRequestError
 from adsvc_protocol.feeds import TypeSig
 from adsvc_protocol.modes import FORWARD, REVERSE, single_mode
 from adsvc_protocol.sparse import DIAGONAL, HESSIAN, JACOBIAN, STAR, Sparsity, offsets
@@ -96,6 +97,23 @@ def scalar_output(outputs: Mapping[str, TypeSig], primal_only: bool = True) -> s
     return floats[0]
 
 
+def bound(c: Compiled, feeds: Feeds) -> Compiled:
+    """`c` with concrete types when its shapes are symbolic (`adsvc_protocol.dims`): the
+    symbols bound by the shapes of `feeds` (errors name the symbol or the input)."""
+    sigs = [*c.inputs.values(), *c.outputs.values()]
+    if not any(dims.is_symbolic(sh) for _, sh in sigs):
+        return c
+    binding = dims.bind(c.inputs, {k: np.shape(v) for k, v in feeds.items() if k in c.inputs})
+    missing = sorted(dims.symbols_of(c.inputs) - set(binding))
+    if missing:
+        raise InputError(f"the dimension {missing[0]!r} is not bound: feed an input whose "
+                         "shape has it", field="inputs")
+
+    def concrete(s: Mapping[str, TypeSig]) -> dict[str, TypeSig]:
+        return {k: (dt, dims.concrete(sh, binding)) for k, (dt, sh) in s.items()}
+    return dataclasses.replace(c, inputs=concrete(c.inputs), outputs=concrete(c.outputs))
+
+
 def zeros(sig: TypeSig) -> np.ndarray:
     """A zero array of the type `sig` (dtype, shape)."""
     return np.zeros(sig[1], dtype=dtypes.to_numpy(sig[0]))
@@ -142,7 +160,7 @@ def value_and_grad(b: Backend, g, wrt, mode: str, feeds: Feeds):
         out = ordered(b.run(c, feeds), c.outputs)
         name = scalar_output(c.outputs)
         return out[name], {x: out[names.grad(x)] for x in names.bases(out, names.GRAD)}
-    c = b.compile(g, (FORWARD,), wrt_tuple(wrt), False)
+    c = bound(b.compile(g, (FORWARD,), wrt_tuple(wrt), False), feeds)
     name = scalar_output(c.outputs)
     xs = names.bases(c.inputs, names.TANGENT)
     seeds = [names.tangent(x) for x in xs]
@@ -165,7 +183,7 @@ def jvp(b: Backend, g, primals: Feeds, tangents: Feeds):
 
 def vjp(b: Backend, g, primals: Feeds, cotangents: Feeds, wrt=None):
     """(outputs, {wrt input: J^T @ cotangent}); missing output cotangents are zero."""
-    c = b.compile(g, (REVERSE,), wrt_tuple(wrt), False)
+    c = bound(b.compile(g, (REVERSE,), wrt_tuple(wrt), False), primals)
     cts = {k: zeros(v) for k, v in c.inputs.items()
            if (d := names.parse(k)) is not None and d.kind == names.COTANGENT}
     for k, v in cotangents.items():
@@ -179,7 +197,7 @@ def vjp(b: Backend, g, primals: Feeds, cotangents: Feeds, wrt=None):
 def jacobian(b: Backend, g, wrt, mode: str, feeds: Feeds) -> dict[str, dict[str, np.ndarray]]:
     """{output: {input: array of shape output.shape + input.shape}} (float outputs)."""
     mode = single_mode(mode)
-    c = b.compile(g, (mode,), wrt_tuple(wrt), False)
+    c = bound(b.compile(g, (mode,), wrt_tuple(wrt), False), feeds)
     if not any(dtypes.is_float(t[0]) for k, t in c.outputs.items() if names.is_primal(k)):
         raise InvalidRequestError("the graph has no float output to differentiate",
                                   field="outputs")
@@ -207,7 +225,7 @@ def jacobian(b: Backend, g, wrt, mode: str, feeds: Feeds) -> dict[str, dict[str,
 
 def hessian(b: Backend, g, wrt, feeds: Feeds) -> dict[str, dict[str, np.ndarray]]:
     """{x_i: {x_j: d2f/dx_i dx_j of shape x_i.shape + x_j.shape}} (forward over reverse)."""
-    c = b.compile(g, (REVERSE, FORWARD), wrt_tuple(wrt), True)
+    c = bound(b.compile(g, (REVERSE, FORWARD), wrt_tuple(wrt), True), feeds)
     scalar_output(c.outputs)
     xs = names.bases(c.inputs, names.TANGENT, 2)
     h = {xi: {xj: np.zeros((size(c.inputs[xi]), size(c.inputs[xj])),

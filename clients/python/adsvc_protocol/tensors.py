@@ -7,7 +7,8 @@ import math
 import numpy as np
 
 from adsvc_protocol import dtypes
-from adsvc_protocol.errors import InputError, LimitExceededError
+from adsvc_protocol.dims import Dim, is_symbolic
+from adsvc_protocol.errors import InputError, InvalidGraphError, LimitExceededError, ShapeError
 from adsvc_protocol.proto import ir_pb2
 
 TO_ENUM = {
@@ -25,6 +26,40 @@ def dtype_from_enum(value: int, where: str = "", error=InputError) -> str:
         return FROM_ENUM[value]
     except KeyError:
         raise error(f"dtype is unset or unknown ({value})", field=where) from None
+
+
+def ints_to_proto(values) -> tuple[list[int], list[str]]:
+    """(values, symbols) of a list of ints and symbolic dims, as TensorType.dims/symbols
+    and IntList.values/symbols write them (symbols empty when none is symbolic)."""
+    if not is_symbolic(values):
+        return [int(v) for v in values], []
+    return ([-1 if isinstance(v, Dim) else int(v) for v in values],
+            [str(v) if isinstance(v, Dim) else "" for v in values])
+
+
+def ints_from_proto(values, symbols, where: str = "") -> tuple:
+    """The ints and symbolic dims of (values, symbols); InvalidGraphError naming `where`
+    for a bad expression or mismatched lengths."""
+    if not len(symbols):
+        return tuple(int(v) for v in values)
+    if len(symbols) != len(values):
+        raise InvalidGraphError(f"{len(symbols)} symbols for {len(values)} dimensions",
+                                field=where)
+    try:
+        return tuple(Dim.parse(s) if s else int(v) for v, s in zip(values, symbols))
+    except ShapeError as e:
+        raise InvalidGraphError(e.description, field=where) from None
+
+
+def type_to_proto(dtype: str, shape) -> ir_pb2.TensorType:
+    """The TensorType of (dtype, shape), symbolic dimensions included."""
+    dims, symbols = ints_to_proto(shape)
+    return ir_pb2.TensorType(dtype=TO_ENUM[dtype], dims=dims, symbols=symbols)
+
+
+def shape_from_proto(t: ir_pb2.TensorType, where: str = "") -> tuple:
+    """The shape of a TensorType, symbolic dimensions included."""
+    return ints_from_proto(t.dims, t.symbols, where)
 
 
 def to_tensor(value, dtype: str | None = None) -> ir_pb2.Tensor:
