@@ -81,7 +81,7 @@ class Node(NodeOperators):
 
     def __repr__(self) -> str:
         what = self.name if self.op == "input" else self.op
-        return f"<Node {what} {self.dtype}{list(self.shape)}>"
+        return f"<Node {what} {self.dtype}[{', '.join(map(str, self.shape))}]>"
 
     # what the operators of NodeOperators build with
     def _apply(self, op: str, attrs: dict | None = None) -> Node:

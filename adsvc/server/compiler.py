@@ -19,10 +19,11 @@ from adsvc.ir.node import nodes_created
 from adsvc.passes.pipeline import compile_graph, estimate_nodes, signature
 from adsvc.passes.sparsity import sparsity
 from adsvc.runtime.cost import held_bytes
-from adsvc.runtime.plan import Plan
+from adsvc.runtime.plan import Plan, SymbolicPlan, plan_for
 from adsvc.server.config import ServerConfig
 from adsvc.server.metrics import Metrics
 from adsvc.server.store import RedisStore
+from adsvc_protocol.dims import is_symbolic
 from adsvc_protocol.dtypes import to_numpy
 from adsvc_protocol.errors import (
     AdsvcError,
@@ -87,11 +88,6 @@ class Entry:
         extra = sum(s.nbytes for s in self.sparsity.values())
         return held_bytes(self.graph) + extra, self.graph.total_nodes
 
-    def output_bytes(self) -> int:
-        """A lower bound of the encoded size of all outputs: their raw data alone."""
-        return sum(math.prod(int(d) for d in shape) * np.dtype(to_numpy(dt)).itemsize
-                   for dt, shape in self.outputs.values())
-
 
 def spec_from_proto(d: service_pb2.Differentiation, config: ServerConfig,
                     where: str = "differentiation") -> Spec:
@@ -118,6 +114,8 @@ def check_elements(graph: Graph, config: ServerConfig, what: str) -> None:
     if not limit:
         return
     for i, n in enumerate(graph.nodes):
+        if is_symbolic(n.shape):
+            continue  # checked at the sizes the feeds bind (Compiler.runnable)
         size = math.prod(int(d) for d in n.shape)  # exact: no int64 wrap-around
         if size > limit:
             raise LimitExceededError(
@@ -200,8 +198,9 @@ class Compiler:
             log.warning("stored entry %s... refused: %s", key[:16], e)
             return None
         start = time.perf_counter()
-        plan = Plan(graph)
-        plan.cost  # noqa: B018  (computed once, with the entry)
+        plan = plan_for(graph)
+        if isinstance(plan, Plan):
+            plan.cost  # noqa: B018  (computed once, with the entry)
         ins, outs = signature(graph)
         entry = Entry(key, spec, graph, plan, time.perf_counter() - start, ins, outs)
         self.cache.put(key, entry, weight=entry.weight)
@@ -229,8 +228,9 @@ class Compiler:
         if check is not None:
             check()
         check_elements(out, self.config, "compiled graph")
-        plan = Plan(out, check)
-        plan.measure(check)  # once, with the entry, not on every evaluation
+        plan = plan_for(out, check)
+        if isinstance(plan, Plan):  # symbolic sizes: measured per binding, when it runs
+            plan.measure(check)  # once, with the entry, not on every evaluation
         ins, outs = signature(out)
         entry = Entry(key, spec, out, plan, time.perf_counter() - start, ins, outs)
         if check is not None:
@@ -284,17 +284,28 @@ class Compiler:
                                          field="differentiation")
         return grown
 
-    def runnable(self, entry: Entry) -> None:
+    def runnable(self, entry: Entry, feeds: Mapping | None = None) -> Plan | None:
         """LimitExceededError before an evaluation whose planned peak of live values is
-        over max_eval_bytes (or whose outputs cannot fit in one message)."""
-        check_response_size(entry, self.config)
+        over max_eval_bytes (or whose outputs cannot fit in one message); returns the plan
+        that will run. A graph with symbolic sizes is checked at the sizes of `feeds`
+        (element limits too); without feeds, nothing is checked and None returned."""
+        plan = entry.plan
+        if isinstance(plan, SymbolicPlan):
+            if feeds is None:
+                return None
+            plan = plan.bound(feeds)
+            check_elements(plan.graph, self.config, "graph at these sizes")
+            _check_output_bytes(plan.output_types, self.config, "response")
+        else:
+            check_response_size(entry, self.config)
         budget = self.config.max_eval_bytes
-        cost = entry.plan.cost
+        cost = plan.cost
         if budget and cost.peak_bytes > budget:
             raise LimitExceededError(
                 f"this evaluation needs about {_mb(cost.peak_bytes)} at its peak (largest "
                 f"value {_mb(cost.largest_bytes)}); the budget is {_mb(budget)} "
-                f"(--max-eval-bytes){entry.plan.memory_note()}", field="graph")
+                f"(--max-eval-bytes){plan.memory_note()}", field="graph")
+        return plan
 
 
 def _mb(n: int) -> str:
@@ -329,9 +340,16 @@ def encode_outputs(entry: Entry, values: Mapping[str, np.ndarray]) -> dict[str, 
 
 
 def check_response_size(entry: Entry, config: ServerConfig, what: str = "response") -> None:
-    """RESOURCE_EXHAUSTED before evaluating when the outputs cannot fit in one message."""
+    """RESOURCE_EXHAUSTED before evaluating when the outputs cannot fit in one message
+    (a graph with symbolic sizes: when they are bound, `Compiler.runnable`)."""
+    if not isinstance(entry.plan, SymbolicPlan):
+        _check_output_bytes(list(entry.outputs.values()), config, what)
+
+
+def _check_output_bytes(types, config: ServerConfig, what: str) -> None:
     limit = config.max_message_bytes
-    size = entry.output_bytes()
+    size = sum(math.prod(int(d) for d in shape) * np.dtype(to_numpy(dt)).itemsize
+               for dt, shape in types)
     if limit and size > limit:
         raise LimitExceededError(f"the outputs of this graph take {size} bytes; the message "
                                  f"limit is {limit}", field=what)
@@ -382,7 +400,10 @@ class Backend:
         return Compiled(entry, entry.inputs, entry.outputs, entry.graph)
 
     def run(self, compiled: Compiled, feeds) -> dict[str, np.ndarray]:
-        """{output name: value} of the compiled entry at `feeds`."""
+        """{output name: value} of the compiled entry at `feeds` (a graph with symbolic
+        sizes is checked against the limits at these sizes first)."""
+        if isinstance(compiled.handle.plan, SymbolicPlan):
+            self.compiler.runnable(compiled.handle, feeds)
         return evaluate(compiled.handle, feeds, self.interrupt)
 
     def run_many(self, compiled: Compiled, feeds) -> list[dict[str, np.ndarray]]:

@@ -376,9 +376,8 @@ class AutodiffServicer(service_pb2_grpc.AutodiffServiceServicer):
     def Evaluate(self, request, call):
         """RPC: evaluate a graph (compiled for `differentiation`) or a handle at one feed."""
         entry = self._source(request, call)
-        self.compiler.runnable(entry)
-        call.detail += _cost(entry)
         feeds = decode_feeds(request.inputs, self.config)
+        call.detail += _cost(self.compiler.runnable(entry, feeds))
         values = evaluate(entry, feeds, call.interrupt)
         resp = service_pb2.EvaluateResponse(outputs=encode_outputs(entry, values),
                                             handle=entry.handle)
@@ -419,8 +418,8 @@ class AutodiffServicer(service_pb2_grpc.AutodiffServiceServicer):
             raise InvalidRequestError("the first message must be a target (graph or handle)",
                                       field="target")
         entry = self._source(first.target, call, "target.")
-        self.compiler.runnable(entry)  # every feed's response has these outputs
-        call.detail += _cost(entry)
+        plan = self.compiler.runnable(entry)  # every feed's response has these outputs
+        call.detail += _cost(plan)
         limit = self.config.max_stream_feeds
         for index, msg in enumerate(request_iterator):
             call.field_prefix = f"feeds[{index}]."
@@ -430,6 +429,8 @@ class AutodiffServicer(service_pb2_grpc.AutodiffServiceServicer):
                 raise InvalidRequestError("only the first message may be a target",
                                           field="kind")
             feeds = decode_feeds(msg.feed.inputs, self.config)
+            if plan is None:  # symbolic sizes: checked at each feed's
+                self.compiler.runnable(entry, feeds)
             values = evaluate(entry, feeds, call.interrupt)
             resp = service_pb2.EvaluateStreamResponse(
                 index=index, outputs=encode_outputs(entry, values), handle=entry.handle)
@@ -538,9 +539,11 @@ def _colors(s) -> str:
     return ",".join(f"{k}:{v}" for k, v in s.colors().items())
 
 
-def _cost(entry) -> str:
-    """The evaluation's planned cost for the call's log line."""
-    c = entry.plan.cost
+def _cost(plan) -> str:
+    """The evaluation's planned cost for the call's log line (none: symbolic sizes)."""
+    if plan is None:
+        return " symbolic"
+    c = plan.cost
     return f" ops={c.operations} est_ms={c.seconds * 1000:.1f} peak_mb={c.peak_bytes / 2**20:.1f}"
 
 

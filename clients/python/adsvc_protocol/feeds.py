@@ -7,7 +7,7 @@ from collections.abc import Mapping
 
 import numpy as np
 
-from adsvc_protocol import dtypes
+from adsvc_protocol import dims, dtypes
 from adsvc_protocol.errors import InputError
 
 TypeSig = tuple[str, tuple[int, ...]]  # (dtype, shape)
@@ -69,10 +69,28 @@ def check_feeds(signature: Mapping[str, TypeSig], feeds: Mapping[str, object],
     if unknown:
         raise InputError(f"unknown input {unknown[0]!r}; the graph's inputs are: "
                          + ", ".join(sorted(signature)), field=f"{prefix}inputs.{unknown[0]}")
+    if any(dims.is_symbolic(shape) for _, shape in signature.values()):
+        signature = _bound(signature, feeds, prefix)
     out = []
     for name, (dtype, shape) in signature.items():
         if name not in feeds:
-            raise InputError(f"missing input {name!r} ({dtype}{list(shape)})",
+            raise InputError(f"missing input {name!r} ({dtype}[{', '.join(map(str, shape))}])",
                              field=f"{prefix}inputs.{name}")
         out.append(convert_feed(name, feeds[name], dtype, shape, f"{prefix}inputs.{name}"))
+    return out
+
+
+def _bound(signature: Mapping[str, TypeSig], feeds: Mapping[str, object],
+           prefix: str) -> dict[str, TypeSig]:
+    """`signature` with its symbolic dimensions bound by the shapes of `feeds` (inputs
+    whose symbols no feed binds keep them: they are missing)."""
+    try:
+        binding = dims.bind(signature, {k: np.shape(v) for k, v in feeds.items()
+                                        if k in signature})
+    except InputError as e:
+        raise InputError(e.description, field=prefix + e.field) from None
+    out = {}
+    for name, (dtype, shape) in signature.items():
+        syms = {s for d in shape if isinstance(d, dims.Dim) for s in d.symbols}
+        out[name] = (dtype, dims.concrete(shape, binding) if syms <= set(binding) else shape)
     return out
