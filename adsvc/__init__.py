@@ -78,6 +78,7 @@ from adsvc.passes.control import cond, fori_loop, scan, switch, while_loop
 from adsvc.passes.inline import call
 from adsvc.passes.loop_memory import LoopMemory, loop_memory
 from adsvc.passes.pipeline import differentiate
+from adsvc.passes.specialize import specialize_at as specialize
 from adsvc.passes.transforms import grad, hessian, jacobian, jvp, value_and_grad, vjp
 from adsvc.tracer import Spec, boolean, f32, f64, i32, i64, trace
 from adsvc.version import __version__
@@ -95,7 +96,7 @@ def connect(target: str, **kw):
 __all__ = [
     "AdsvcError", "Graph", "LocalClient", "Node", "Spec", "__version__", "boolean",
     "connect", "constant", "differentiate", "errors", "explain", "f32", "f64", "from_proto",
-    "i32", "i64", "local", "to_proto", "trace",
+    "i32", "i64", "local", "specialize", "to_proto", "trace",
     # function transformations that work inside traces, and calling graphs
     "call", "grad", "hessian", "jacobian", "jvp", "value_and_grad", "vjp",
     # control flow inside traces, and what differentiated loops store

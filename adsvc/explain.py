@@ -39,8 +39,10 @@ from adsvc.passes.forward import jvp_graph
 from adsvc.passes.pipeline import differentiate
 from adsvc.passes.reverse import vjp_graph
 from adsvc.passes.simplify import simplify
+from adsvc.passes.specialize import specialize
 from adsvc.runtime.plan import Plan
 from adsvc_protocol import dtypes, names
+from adsvc_protocol.dims import bind
 from adsvc_protocol.errors import InvalidRequestError
 from adsvc_protocol.modes import normalize_modes
 from adsvc_protocol.recipes import scalar_output
@@ -294,6 +296,9 @@ def explain(graph, mode="reverse", wrt=None, order: int | None = None,
     """
     g = simplify(as_graph(graph))
     feeds = {**(inputs or {}), **feeds}
+    if g.symbolic:  # an account is of one evaluation: at the sizes of the feeds
+        g = specialize(g, bind({n.name: (n.dtype, n.shape) for n in g.inputs},
+                               {k: np.shape(v) for k, v in feeds.items()}))
     modes = () if mode is None else normalize_modes(mode, order)
     if not modes:
         values = node_values(g, feeds)

@@ -15,6 +15,8 @@ import numpy as np
 from adsvc.ir.codec import graph_from_proto
 from adsvc.ir.graph import Graph
 from adsvc.ir.node import Node, constant, make
+from adsvc.passes.specialize import specialize
+from adsvc_protocol.dims import bind
 from adsvc_protocol.errors import DTypeError, InputError, InvalidRequestError, ShapeError
 from adsvc_protocol.feeds import convert_feed
 from adsvc_protocol.proto import ir_pb2
@@ -73,4 +75,8 @@ def call(graph, inputs: Mapping[str, object] | None = None, **kw) -> dict[str, N
     if missing:
         raise InputError(f"missing input {missing[0]!r} of the called graph",
                          field=f"inputs.{missing[0]}")
+    if graph.symbolic:  # bound by the values' shapes (numbers, or the caller's symbols)
+        graph = specialize(graph, bind({n.name: (n.dtype, n.shape) for n in graph.inputs},
+                                       {k: np.shape(v) if not isinstance(v, Node) else v.shape
+                                        for k, v in given.items()}))
     return inline(graph, {name: _bind(graph, name, v) for name, v in given.items()})

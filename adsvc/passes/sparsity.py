@@ -30,6 +30,7 @@ from adsvc.passes.activity import active_nodes, naming_node, wrt_nodes
 from adsvc.passes.coloring import distance1_coloring, jacobian_colorings, star_coloring
 from adsvc.passes.pipeline import compile_graph
 from adsvc_protocol import dtypes, names
+from adsvc_protocol.dims import symbols_of
 from adsvc_protocol.errors import InvalidRequestError, LimitExceededError
 from adsvc_protocol.sparse import (
     DIAGONAL,
@@ -162,6 +163,12 @@ def sparsity(graph: Graph, kind: str, wrt=None, check: Checker = None,
     scalar float output) of `graph` with respect to `wrt` (None: every float input),
     with its colorings: forward and reverse for a Jacobian, star and diagonal for a
     Hessian."""
+    if graph.symbolic:
+        syms = sorted(symbols_of({n.name: (n.dtype, n.shape) for n in graph.inputs}))
+        raise InvalidRequestError(
+            f"sparse derivatives need concrete sizes; this graph has symbolic dimensions "
+            f"({', '.join(syms) or 'inside'}): specialize it first, e.g. "
+            f"adsvc.specialize(g, {(syms or ['n'])[0]}=100)", field="graph")
     ws = wrt_nodes(graph, wrt)
     if not ws:
         raise InvalidRequestError("nothing to differentiate with respect to: the graph has "

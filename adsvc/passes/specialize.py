@@ -14,8 +14,8 @@ from collections.abc import Mapping
 
 from adsvc.ir.graph import Graph
 from adsvc.ir.node import Node, input_node, make
-from adsvc_protocol.dims import Dim, concrete
-from adsvc_protocol.errors import AdsvcError
+from adsvc_protocol.dims import Dim, concrete, symbols_of
+from adsvc_protocol.errors import AdsvcError, InvalidRequestError
 
 
 def _bind(v, binding: Mapping[str, int]):
@@ -59,3 +59,22 @@ def specialize(graph: Graph, binding: Mapping[str, int]) -> Graph:
                           field=e.field or f"nodes[id={index}]") from None
     return Graph([new[id(n)] for n in graph.inputs],
                  [(k, new[id(n)]) for k, n in graph.outputs], graph.name)
+
+
+def specialize_at(graph: Graph, sizes: Mapping[str, int] | None = None, **kw) -> Graph:
+    """`adsvc.specialize(g, n=100)`: the graph with its symbolic dimensions bound (every
+    symbol of its inputs must be given; the graph without symbols is returned as is)."""
+    binding = {**(sizes or {}), **kw}
+    known = symbols_of({n.name: (n.dtype, n.shape) for n in graph.inputs})
+    missing = sorted(known - set(binding))
+    if missing:
+        raise InvalidRequestError(f"give a size for every symbol: {', '.join(missing)} "
+                                  "missing", field=f"sizes.{missing[0]}")
+    for k, v in binding.items():
+        if k not in known:
+            raise InvalidRequestError(f"the graph has no dimension {k!r} (it has: "
+                                      f"{', '.join(sorted(known)) or 'none'})", field=f"sizes.{k}")
+        if not isinstance(v, int) or isinstance(v, bool) or v < 0:
+            raise InvalidRequestError(f"size {k} must be an int >= 0, got {v!r}",
+                                      field=f"sizes.{k}")
+    return specialize(graph, binding)

@@ -90,6 +90,14 @@ class Dim:
 
     __rmul__ = __mul__
 
+    def __pow__(self, k: int):
+        if not isinstance(k, int) or k < 0:
+            return NotImplemented
+        out: DimLike = 1
+        for _ in range(k):
+            out = self * out
+        return out
+
     def __floordiv__(self, other):
         """Exact division by an int or a monomial dim; ShapeError when not exact."""
         q = self.divide(other)
@@ -151,8 +159,8 @@ class Dim:
             for s, p in m:
                 if s not in binding:
                     raise ShapeError(f"the dimension {s!r} is not bound")
-                v *= binding[s] ** p
-            total += v
+                v = v * binding[s] ** p  # a symbol may be bound to another dim (calls)
+            total = total + v
         return total
 
     def __str__(self) -> str:
@@ -255,7 +263,7 @@ def as_dim(d) -> DimLike:
 
 
 def concrete(shape, binding: Mapping[str, int]) -> tuple[int, ...]:
-    """`shape` with its symbols bound."""
+    """`shape` with its symbols bound (to ints; or to dims of an enclosing trace)."""
     return tuple(d.evaluate(binding) if isinstance(d, Dim) else int(d) for d in shape)
 
 
@@ -295,7 +303,7 @@ def bind(signature: Mapping[str, tuple], shapes: Mapping[str, tuple]) -> dict[st
             raise InputError(f"input {name!r} has shape {list(got)}; expected "
                              f"{_show(declared)} = {list(concrete(declared, binding))}",
                              field=f"inputs.{name}")
-    if any(v < 0 for v in binding.values()):
+    if any(isinstance(v, int) and v < 0 for v in binding.values()):
         raise InputError("a symbolic dimension is bound to a negative size", field="inputs")
     return binding
 
