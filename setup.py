@@ -8,7 +8,7 @@ cross-file imports made package-relative so the package can live anywhere.
 import sys
 from pathlib import Path
 
-from setuptools import setup
+from setuptools import Extension, setup
 from setuptools.command.build_py import build_py
 
 ROOT = Path(__file__).resolve().parent
@@ -22,4 +22,9 @@ class BuildWithProtos(build_py):
         super().run()
 
 
-setup(cmdclass={"build_py": BuildWithProtos})
+# The scalar VM (adsvc/runtime/_scalarvm.c): compiled once at install time; optional, so
+# an install without a C compiler still works (plans then run on the numpy interpreter).
+SCALAR_VM = Extension("adsvc.runtime._scalarvm", ["adsvc/runtime/_scalarvm.c"],
+                      extra_compile_args=["-O2"], optional=True)
+
+setup(cmdclass={"build_py": BuildWithProtos}, ext_modules=[SCALAR_VM])

@@ -20,7 +20,9 @@ from adsvc.ir.graph import Graph
 from adsvc.ir.opdef import OPS
 from adsvc.passes.loop_memory import loop_memory
 from adsvc.passes.specialize import specialize
+from adsvc.runtime import scalar_vm
 from adsvc.runtime.cost import Cost, observe, plan_cost, speed
+from adsvc.runtime.scalar_vm import Program
 from adsvc_protocol.dims import bind, symbols_of
 from adsvc_protocol.errors import AdsvcError, EvaluationError, InputError, LimitExceededError
 from adsvc_protocol.feeds import check_feeds
@@ -67,6 +69,9 @@ class Plan:
         self.steps = [(fn, ins, out, tuple(fr), n)
                       for (fn, ins, out, n), fr in zip(steps, frees)]
         self._keep = keep
+        # a graph of scalars only: one native register program instead of numpy per node
+        self.program = (Program(nodes, self.input_slots, [s for _, s in self.outputs])
+                        if scalar_vm.eligible(nodes) else None)
 
     def _kernel_attrs(self, node, check) -> dict:
         """The node's attributes for its kernel: each sub-graph as its plan."""
@@ -93,6 +98,8 @@ class Plan:
     def run_values(self, inputs: list) -> list:
         """Evaluate on input values in input order (already checked) and return the output
         values in output order: what loop kernels call once per iteration."""
+        if self.program is not None:
+            return self.program.run(inputs)
         vals = list(self.template)
         for s, v in zip(self.input_slots, inputs):
             vals[s] = v
@@ -150,8 +157,13 @@ class Plan:
         take that long itself (`upcoming`: its estimated seconds, so a step that cannot
         finish before the deadline is not started).
         """
+        arrays = check_feeds(self.inputs, feeds)
+        if self.program is not None:
+            with interrupting(interrupt):
+                out = self.program.run(arrays, interrupt)
+            return {name: v for (name, _), v in zip(self.outputs, out)}
         vals = list(self.template)
-        for s, arr in zip(self.input_slots, check_feeds(self.inputs, feeds)):
+        for s, arr in zip(self.input_slots, arrays):
             vals[s] = arr
         estimate = self.cost.steps if interrupt is not None else ()
         since, scale, timed = 0.0, speed(), 0.0
