@@ -34,9 +34,16 @@ def _interpreted(plan: Plan):
         scalar_vm.ENABLED[0] = True
 
 
-def _same(a, b):
+def _same(a, b, rtol=4e-16 * 8):
     a, b = np.asarray(a, float), np.asarray(b, float)
-    np.testing.assert_allclose(a, b, rtol=4e-16 * 8, atol=0, equal_nan=True)
+    np.testing.assert_allclose(a, b, rtol=rtol, atol=0, equal_nan=True)
+
+
+# The VM calls the C library's exp/log/pow/tanh; numpy has its own (vectorized) ones,
+# which differ from them by an ulp or two. One op is compared at 8 ulps; a derivative
+# graph compounds a few such differences through its chain of products (seen: 4.6e-15
+# on d/dx (1 + a^2)^tanh(b)), so whole graphs are compared at 1e-13.
+GRAPH_RTOL = 1e-13
 
 
 def test_every_opcode_names_an_op_of_the_table():
@@ -107,7 +114,7 @@ def test_random_scalar_graphs_and_their_derivatives_equal_the_interpreter(p, xs)
         got, want = plan.run({**feeds, **extra}), _interpreted(plan).run({**feeds, **extra})
         assert list(got) == list(want)
         for k in got:
-            _same(got[k], want[k])
+            _same(got[k], want[k], GRAPH_RTOL)
 
 
 def test_vm_derivatives_against_finite_differences():
@@ -129,7 +136,7 @@ def test_scalar_loop_bodies_run_on_the_vm():
     assert bodies and all(b.program is not None for b in bodies)
     got, want = plan.run({"x": 0.7}), _interpreted(plan).run({"x": 0.7})
     for k in got:
-        _same(got[k], want[k])
+        _same(got[k], want[k], GRAPH_RTOL)
 
 
 @pytest.mark.parametrize("fn, specs", [

@@ -267,6 +267,10 @@ def _check_versions(wire: WireGraph) -> None:
             raise VersionError("symbolic dimensions need IR version 2; the graph declares "
                                f"{wire.ir_version}", field="inputs")
         for n in wire.nodes:
+            if any(isinstance(v, Dim) or (isinstance(v, tuple) and is_symbolic(v))
+                   for v in n.attrs.values()) or (n.declared and is_symbolic(n.declared[1])):
+                raise VersionError("symbolic dimensions need IR version 2; the graph "
+                                   f"declares {wire.ir_version}", field=f"nodes[id={n.id}]")
             if any(isinstance(v, Graph) or (isinstance(v, tuple) and v and _is_graph(v[0]))
                    for v in n.attrs.values()):
                 raise VersionError("sub-graph attributes need IR version 2; the graph "

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import builtins
 
+from adsvc_protocol.dims import Dim
+
 
 def _symbolic_indices(i, d):
     """(start, stop, step) of slice `i` over a symbolic axis of size `d`: negative
@@ -19,6 +21,8 @@ def _symbolic_indices(i, d):
     def bound(v, default):
         if v is None:
             return default
+        if isinstance(v, Dim):  # x[2:n-1]: a bound computed from the symbols
+            return v
         v = int(v)
         return v if v >= 0 else d + v
     return bound(i.start, 0), bound(i.stop, d), step
@@ -125,9 +129,11 @@ class NodeOperators:
                                                isinstance(b, int) else builtins.max(a, b))
                 steps.append(s)
                 continue
-            if not hasattr(i, "__index__"):
+            if isinstance(i, Dim) and not isinstance(d, int):  # x[n - 1]
+                pass
+            elif not hasattr(i, "__index__"):
                 raise IndexError(f"unsupported index {i!r}: use ints, slices or take()")
-            if not isinstance(d, int):  # a symbolic axis: from the front, or from the end
+            elif not isinstance(d, int):  # a symbolic axis: from the front, or from the end
                 i = int(i) if int(i) >= 0 else d + int(i)
             elif not -d <= int(i) < d:
                 raise IndexError(f"index {i} out of range for axis {axis} of size {d}")

@@ -39,7 +39,9 @@ def _attr(v) -> str:
         return f"<graph {v.name or 'body'}>"
     if isinstance(v, tuple) and v and _is_graph(v[0]):
         return "[" + ", ".join(_attr(g) for g in v) + "]"
-    return "[" + ",".join(map(str, v)) + "]" if isinstance(v, tuple) else repr(v)
+    if isinstance(v, tuple):
+        return "[" + ",".join(map(str, v)) + "]"
+    return str(v) if type(v).__name__ == "Dim" else repr(v)
 
 
 def _const(value: np.ndarray) -> str:

@@ -13,7 +13,7 @@ from adsvc.ops import api as A
 from adsvc.ops import patterns
 from adsvc.ops.rules import broadcast_shapes, norm_axis, same_dtype
 from adsvc_protocol import dtypes
-from adsvc_protocol.dims import Dim, check_le
+from adsvc_protocol.dims import Dim, check_le, known_le
 from adsvc_protocol.errors import AttributeError_, DTypeError, ShapeError
 
 
@@ -305,7 +305,7 @@ def _scatter_infer(ins, attrs):
     u, idx = ins
     _indices_check("scatter_add", idx)
     axis, size = attrs["axis"], attrs["size"]
-    if size < 0 or not 0 <= axis <= u.ndim - idx.ndim:
+    if known_le(0, size) is False or not 0 <= axis <= u.ndim - idx.ndim:
         raise AttributeError_(f"op 'scatter_add': bad axis {axis} / size {size} for updates "
                               f"{list(u.shape)} and indices {list(idx.shape)}")
     if u.shape[axis:axis + idx.ndim] != idx.shape:

@@ -33,6 +33,7 @@ import numpy as np
 from adsvc.interrupt import compile_check
 from adsvc.ir.graph import Graph
 from adsvc.ir.node import Node, constant, make
+from adsvc.machine import memory_fraction
 from adsvc.ops import api as A
 from adsvc.passes import loops
 from adsvc.passes.activity import active_nodes
@@ -41,7 +42,10 @@ from adsvc.passes.forward import jvp_graph
 from adsvc.passes.reverse import vjp_graph
 from adsvc_protocol import dtypes
 
-_BUDGET: ContextVar[int] = ContextVar("adsvc_carry_budget", default=1 << 30)
+# The default budget for stored carries: a quarter of the default evaluation budget
+# (half the machine's memory), what adsvc.local() uses, so that differentiating by hand
+# and through a client make the same choice.
+_BUDGET: ContextVar[int] = ContextVar("adsvc_carry_budget", default=memory_fraction(0.5) // 4)
 
 # The JVP of a loop or branch node S is a node T whose results include S's own:
 # T -> (S, {index of S's result: index of the same value among T's}). `share_loops`
@@ -58,7 +62,8 @@ def record_primal(t: Node, s: Node, mapping: dict[int, int]) -> None:
 @contextmanager
 def carry_budget(nbytes: int | None) -> Iterator[None]:
     """Within the block, a scan's VJP checkpoints (unless its `checkpoint` says) when
-    storing every carry would take more than `nbytes` (None: the default, 1 GiB)."""
+    storing every carry would take more than `nbytes` (None: the default, an eighth
+    of this machine's memory)."""
     token = _BUDGET.set(_BUDGET.get() if nbytes is None else int(nbytes))
     try:
         yield
@@ -205,6 +210,25 @@ def while_jvp(node: Node, ts):
 
 
 # -- reverse mode ------------------------------------------------------------------------------
+def relevant_carries(body: Graph, floats, seeds: set[int], ys) -> list[int]:
+    """The float carries whose cotangent is not identically zero: `seeds` (a cotangent
+    arrives for them from outside) and, to a fixed point, every carry whose value in a
+    step reaches (differentiably) a relevant carry's new value or a y with a cotangent
+    (`ys`, output indices). A carry that only feeds the loop's condition is not one."""
+    relevant = set(seeds)
+    outs = _outs(body)
+    while True:
+        targets = [outs[i] for i in sorted(relevant)] + [outs[j] for j in ys]
+        new = set(relevant)
+        for i in floats:
+            if i not in new and targets and id(body.inputs[i]) in active_nodes(
+                    body, [body.inputs[i]], targets):
+                new.add(i)
+        if new == relevant:
+            return sorted(relevant)
+        relevant = new
+
+
 def backward_body(body: Graph, n_c: int, n_x: int, fc, ax, ak, yc, sc) -> Graph:
     """The body's VJP laid out as the body of the backward scan.
 
@@ -278,11 +302,13 @@ def scan_vjp(node: Node, ct):
     ct = list(ct)
     ct_c, ct_y = ct[:n_c], ct[n_c:n_c + n_y]
     ct_s = ct[n_c + n_y:] if p.save else [None] * n_c
-    fc = [i for i, c in enumerate(p.carries) if _float(c)]
+    floats = [i for i, c in enumerate(p.carries) if _float(c)]
     ax = [i for i, x in enumerate(p.xs) if _varying(x)]
     ak = [i for i, k in enumerate(p.consts) if _varying(k)]
     yc = [j for j in range(n_y) if ct_y[j] is not None]
-    sc = [i for i in fc if ct_s[i] is not None]
+    sc = [i for i in floats if ct_s[i] is not None]
+    fc = relevant_carries(body, floats, {i for i in floats if ct_c[i] is not None} | set(sc),
+                          [n_c + j for j in yc])
     interval = checkpoint_interval(node, p)
     if interval > 1:
         return _checkpointed_vjp(node, p, (ct_c, ct_y), (fc, ax, ak, yc), interval)
@@ -312,11 +338,13 @@ def _scan_cts(p, b: Node, fc, ax, ak, xs_of=lambda v: v) -> list:
     return res
 
 
-def _masked_body(body: Graph, n_c: int, n_x: int) -> Graph:
-    """The body with one more xs input, a bool m: carries change only where m holds."""
+def _masked_body(body: Graph, n_c: int, n_x: int, masked: bool = True) -> Graph:
+    """The body with one more xs input, a bool m: carries change only where m holds
+    (`masked` False: m is ignored)."""
     b_in, outs = list(body.inputs), _outs(body)
     m = fresh_inputs("m", [(dtypes.BOOL, ())])[0]
-    new_c = [A.where(m, o, c) for o, c in zip(outs[:n_c], b_in[:n_c])]
+    new_c = ([A.where(m, o, c) for o, c in zip(outs[:n_c], b_in[:n_c])] if masked
+             else outs[:n_c])
     ins = b_in[:n_c + n_x] + [m] + b_in[n_c + n_x:]
     n_k = len(b_in) - n_c - n_x
     return make_body(ins, new_c + outs[n_c:], role_names("c", n_c) + role_names("x", n_x + 1)
@@ -358,10 +386,11 @@ def _checkpointed_vjp(node: Node, p, cts, idx, k: int) -> list:
 
 def _segment_body(body: Graph, p, idx, k: int) -> Graph:
     """Body of the checkpointed backward scan: one segment of k steps, its carries
-    recomputed from the checkpoint by a saving scan, then reversed by `scan_vjp`."""
+    recomputed from the checkpoint by a saving scan, then reversed by `scan_vjp`. (When
+    k divides the length no step is padding: the mask input is there but unused.)"""
     fc, ax, ak, yc = idx
     n_c, n_x = len(p.carries), len(p.xs)
-    masked = _masked_body(body, n_c, n_x)
+    masked = _masked_body(body, n_c, n_x, p.length % k != 0)
     outs = _outs(body)
     ct_c = fresh_inputs("ct", [(p.carries[i].dtype, p.carries[i].shape) for i in fc])
     acc = fresh_inputs("acc", [(p.consts[i].dtype, p.consts[i].shape) for i in ak])
@@ -400,9 +429,11 @@ def while_vjp(node: Node, ct):
     ct = list(ct)
     ct_c = ct[:n_c]
     ct_s = ct[n_c + 1:] if node.attr("save") else [None] * n_c
-    fc = [i for i, c in enumerate(carries) if _float(c)]
+    floats = [i for i, c in enumerate(carries) if _float(c)]
     ak = [i for i, k in enumerate(consts) if _varying(k)]
-    sc = [i for i in fc if ct_s[i] is not None]
+    sc = [i for i in floats if ct_s[i] is not None]
+    fc = relevant_carries(body, floats, {i for i in floats if ct_c[i] is not None} | set(sc),
+                          [])
     saving = node if node.attr("save") else make("while_loop", node.inputs,
                                                  _attrs(node, save=True))
     trips = A.element(saving, n_c)

@@ -16,7 +16,6 @@ checks use it to not start a step that cannot finish in time.
 from __future__ import annotations
 
 import math
-import os
 import time
 from functools import cache, cached_property
 
@@ -24,6 +23,7 @@ import numpy as np
 
 from adsvc.interrupt import CHECK_EVERY
 from adsvc.ir.opdef import OPS
+from adsvc.machine import memory_fraction  # noqa: F401  (the runtime's budgets use it)
 from adsvc_protocol import dtypes
 
 # Bounds on what a calibration may conclude (a loaded machine times one run 50x slow):
@@ -71,15 +71,6 @@ def observe(estimated: float, actual: float) -> float:
         ratio = min(max(actual / estimated, 0.05), 20.0)
         _SPEED[0] = 0.5 * _SPEED[0] + 0.5 * ratio
     return _SPEED[0]
-
-
-def memory_fraction(fraction: float, fallback: int = 4 << 30) -> int:
-    """`fraction` of this machine's physical memory in bytes (`fallback` if unknown)."""
-    try:
-        total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    except (AttributeError, ValueError, OSError):
-        return fallback
-    return int(total * fraction) if total > 0 else fallback
 
 
 # What running one plan step costs beyond its arithmetic (the interpreter's dispatch,
@@ -170,6 +161,15 @@ def _temporary_bytes(node) -> int:
     return int(k * max([nbytes(node), *(nbytes(i) for i in node.inputs)])) if k else 0
 
 
+def _largest_single(node) -> int:
+    """The largest single allocation a step makes: its result, or for a node with
+    several results (a loop's stored carries, say) the largest of them."""
+    if node.types is not None:
+        return max((math.prod(sh) * np.dtype(dtypes.to_numpy(dt)).itemsize
+                    for dt, sh in node.types), default=0)
+    return nbytes(node)
+
+
 def plan_cost(nodes, steps, keep: set[int], check=None, sub_cost=None) -> Cost:
     """The Cost of `steps` [(operand slots, result slot, frees, node)] over slots of
     `nodes`; `keep` are the output slots (never freed); `check()` is called every
@@ -192,7 +192,7 @@ def plan_cost(nodes, steps, keep: set[int], check=None, sub_cost=None) -> Cost:
         else:
             owner[out], refs[out] = out, 1
             live += nbytes(node)
-            largest = max(largest, nbytes(node))
+            largest = max(largest, _largest_single(node))
         inner = max((sub_cost(g).peak_bytes for _, gs in subgraphs(node) for g in gs),
                     default=0) if sub_cost is not None and OPS[node.op].trips else 0
         peak = max(peak, live + _temporary_bytes(node) + inner)

@@ -178,8 +178,8 @@ class Dim:
         text = " + ".join(parts)
         return text.replace("+ -", "- ") or "0"
 
-    def __repr__(self) -> str:
-        return f"Dim({str(self)!r})"
+    def __repr__(self) -> str:  # as written in shapes: [n, 3] (messages print lists)
+        return str(self)
 
 
 DimLike = int | Dim
@@ -238,7 +238,7 @@ def _parse(text: str) -> DimLike:
             expect_factor = False
         elif op == "*":
             expect_factor = True
-        elif op in "+-":
+        elif op is not None and op in "+-":
             total = total + sign * term
             sign, term, expect_factor = (1 if op == "+" else -1), None, True
         else:
