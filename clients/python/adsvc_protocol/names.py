@@ -9,6 +9,7 @@ User names never contain ':' (that is what keeps the two apart).
 
 from __future__ import annotations
 
+import functools
 import re
 from typing import NamedTuple
 
@@ -48,6 +49,7 @@ def grad(base: str, k: int = 1) -> str:
     return derived(GRAD, base, k)
 
 
+@functools.lru_cache(maxsize=8192)  # a client parses the same few names on every call
 def parse(name: str) -> Derived | None:
     """The outermost derivation of `name`, or None if differentiation did not make it."""
     m = _DERIVED.match(name)
