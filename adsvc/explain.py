@@ -149,7 +149,8 @@ def derivative_nodes(base: Graph, mode: str, wrt: list[Node], k: int,
         return {id(n): out.output(name) for n, name in zip(floats, new)}
     target_nodes = [base.output(t) for t in targets]
     active = active_nodes(base, wrt, target_nodes)
-    ordered = [n for n in base.nodes if id(n) in active]
+    # (a loop's tuple node has no one adjoint: its elements' rows show them)
+    ordered = [n for n in base.nodes if id(n) in active and n.types is None]
     out, _ = vjp_graph(base, ordered, targets, seed=seed, k=k)
     added = out.outputs[len(base.outputs):]  # one per node of `ordered`, in order
     return {id(n): node for n, (_, node) in zip(ordered, added)}
@@ -307,8 +308,9 @@ def explain(graph, mode="reverse", wrt=None, order: int | None = None,
         return Explanation(g, modes, g, values, rows, {}, [], feeds)
     seed = seeded(g, modes)
     k = len(modes)
-    dg = differentiate(g, modes, wrt, order=k, seed=seed)
-    base = g if k == 1 else differentiate(g, modes[:-1], wrt, order=k - 1, seed=seed)
+    dg = differentiate(g, modes, wrt, order=k, seed=seed, share=False)
+    base = g if k == 1 else differentiate(g, modes[:-1], wrt, order=k - 1, seed=seed,
+                                          share=False)
     derivs = derivative_nodes(base, modes[-1], wrt_nodes(g, wrt), k, seed and k == 1)
     drawn = {id(n) for n in dg.nodes}
     extra = list({id(d): d for d in derivs.values() if id(d) not in drawn}.values())
@@ -320,7 +322,8 @@ def explain(graph, mode="reverse", wrt=None, order: int | None = None,
     for n in base.nodes:
         d = derivs.get(id(n))
         value = values[n]
-        dv = values[d] if d is not None else np.zeros_like(np.asarray(value, float))
+        dv = values[d] if d is not None else (
+            np.zeros(()) if isinstance(value, tuple) else np.zeros_like(np.asarray(value, float)))
         rows.append(Row(ids[id(n)], _op_text(n, ids), value,
                         {key: dv[label] if isinstance(dv, dict) else dv
                          for key, label in columns}))

@@ -390,3 +390,18 @@ def test_a_refusal_by_the_memory_budget_names_the_loop_and_the_remedy():
     _close(small.value_and_grad(ad.trace(lambda x: ad.sum(ad.scan(
         lambda c, _: (c * x, None), x * ad.ones((1000,)), length=10_000)[0])), x=1.0)[1]["x"],
         1000 * 10_001.0)  # the default (by the budget) checkpoints and fits
+
+
+def test_pictures_and_explain_of_loops():
+    g = ad.trace(lambda x: ad.scan(lambda c, r: (ad.sin(c) * x + r, c), x,
+                                   ad.constant(np.ones(3)))[0]
+                 + ad.cond(x > 0.0, lambda a: a, lambda a: -a, x))
+    dot = g.to_dot()
+    assert "scan" in dot and "(f64[], f64[3])" in dot and "body=<graph scan_body>" in dot
+    assert "scan" in ad.differentiate(g, "reverse", seed=True).to_dot()
+    e = ad.explain(g, "reverse", x=0.5)
+    text = e.text()
+    assert "scan %0, %1, %0" in text and "cond %5, %0" in text
+    _, grad = C.value_and_grad(g, x=0.5)
+    assert f"∂out/∂x = {grad['x']:.6g}" in text
+    assert "Result: out = 1.9976" in text

@@ -37,7 +37,7 @@ from collections.abc import Mapping
 import networkx as nx
 import numpy as np
 
-from adsvc.ir.text import type_str
+from adsvc.ir.text import attr_text, node_type_str
 from adsvc_protocol import names
 from adsvc_protocol.errors import AdsvcError, UsageError
 
@@ -152,7 +152,10 @@ def format_number(x) -> str:
 
 
 def format_value(value) -> str:
-    """A value for a label: a number, or an array's first elements in brackets."""
+    """A value for a label: a number, or an array's first elements in brackets (a
+    loop's several results: each, in parentheses)."""
+    if isinstance(value, tuple):
+        return "(" + "; ".join(format_value(v) for v in value) + ")"
     a = np.asarray(value)
     if a.ndim == 0:
         return format_number(a.item())
@@ -164,7 +167,7 @@ def format_value(value) -> str:
 def _attrs_text(node) -> str:
     if not node.attrs:
         return ""
-    text = ", ".join(f"{k}={list(v) if isinstance(v, tuple) else v}" for k, v in node.attrs)
+    text = ", ".join(f"{k}={attr_text(v)}" for k, v in node.attrs)
     return f" {{{text if len(text) <= 40 else text[:39] + '…'}}}"
 
 
@@ -177,7 +180,7 @@ def _head(node, i: int) -> list[str]:
     else:
         lines = [f"%{i} {node.op}{_attrs_text(node)}"]
     if node.shape or node.dtype != "float64":
-        lines.append(type_str(node.dtype, node.shape))
+        lines.append(node_type_str(node))
     if node.label:
         lines.append(f"({_clip(node.label)})")
     return lines
@@ -189,6 +192,8 @@ def value_lines(value) -> list[str]:
         return []
     if isinstance(value, Mapping):
         return [f"{_clip(str(k))}: {format_value(v)}" for k, v in value.items()]
+    if isinstance(value, tuple):  # a loop's or branch's several results
+        return [f"#{j} = {format_value(v)}" for j, v in enumerate(value)]
     return [f"= {format_value(value)}"]
 
 

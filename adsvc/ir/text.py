@@ -34,6 +34,11 @@ def _is_graph(v) -> bool:
     return hasattr(v, "outputs") and hasattr(v, "key")
 
 
+def attr_text(v) -> str:
+    """An attribute value as the text form writes it (a sub-graph by its name)."""
+    return _attr(v)
+
+
 def _attr(v) -> str:
     if _is_graph(v):
         return f"<graph {v.name or 'body'}>"

@@ -17,14 +17,16 @@ from adsvc_protocol.modes import normalize_modes
 
 
 def differentiate(graph: Graph, mode="reverse", wrt=None, order: int | None = None,
-                  seed: bool = False, check: Checker = None) -> Graph:
+                  seed: bool = False, check: Checker = None, share: bool = True) -> Graph:
     """The differentiated graph; see protos/README.md for the names it adds.
 
     Pass 1 differentiates every float output; pass k > 1 differentiates the outputs
     added by pass k-1 (so reverse then forward gives Hessian-vector products). With
     `seed`, a first reverse pass seeds its single scalar output with 1 (plain gradient).
     `check` (optional) is called every few hundred nodes of every pass and may raise to
-    stop the work (deadlines, cancellation).
+    stop the work (deadlines, cancellation). `share` (default) lets primal loops read
+    their results from the loops a derivative makes (`share_saved`); without it the
+    primal nodes stay as they are (explain's rows are those nodes).
     """
     modes = normalize_modes(mode, order)
     wrt_list = wrt_nodes(graph, wrt)
@@ -43,7 +45,8 @@ def differentiate(graph: Graph, mode="reverse", wrt=None, order: int | None = No
             else:
                 g, targets = vjp_graph(g, wrt_list, targets, seed=seed and k == 1, k=k,
                                        check=check)
-    g = share_saved(g)
+    if share:
+        g = share_saved(g)
     if g.depth > MAX_DEPTH:
         raise LimitExceededError(
             f"the differentiated graph nests loop bodies {g.depth} deep (a checkpointed "

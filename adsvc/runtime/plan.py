@@ -201,6 +201,8 @@ class Plan:
 def _owned(value, is_input: bool) -> np.ndarray:
     """An output array the caller may modify: never a read-only view (broadcasts,
     constants) and never the caller's own input array."""
+    if isinstance(value, tuple):  # a loop's results (only explain asks for them whole)
+        return tuple(_owned(v, is_input) for v in value)
     a = np.asarray(value)
     return a.copy() if is_input or not a.flags.writeable else a
 
