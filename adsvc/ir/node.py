@@ -186,18 +186,30 @@ class Builder:
 
     def __init__(self, rewriter: Callable[[Node, Builder], Node] | None = None):
         self.rewriter = rewriter
+        # what the rewriter made of each node: rules are pure, so a node built again
+        # (an intern hit: derivative rules rebuild the same products) is not rewritten again
+        self._rewritten: weakref.WeakKeyDictionary[Node, Node] = weakref.WeakKeyDictionary()
 
     def make(self, op: str, inputs, attrs: dict | None = None, label: str = "") -> Node:
         """The node `op(inputs, attrs)`, built (and checked) only if new, then rewritten."""
         inputs = tuple(inputs)
-        frozen: Attrs = tuple(sorted((k, _freeze(v)) for k, v in (attrs or {}).items()))
-        node = _TABLE.get((op, inputs, _typed(frozen), label))
+        if attrs:
+            frozen: Attrs = tuple(sorted((k, _freeze(v)) for k, v in attrs.items()))
+            typed = _typed(frozen)
+        else:
+            frozen = typed = ()
+        node = _TABLE.get((op, inputs, typed, label))
         if node is None:
             dtype, shape, frozen, types = check_and_infer(op, inputs, frozen)
             node = _intern((op, inputs, _typed(frozen), label),
                            _fields(op, inputs, frozen, dtype, tuple(shape), label=label,
                                    types=types))
-        return node if self.rewriter is None else self.rewriter(node, self)
+        if self.rewriter is None:
+            return node
+        done = self._rewritten.get(node)
+        if done is None:
+            done = self._rewritten[node] = self.rewriter(node, self)
+        return done
 
     def constant(self, value, dtype: str | None = None) -> Node:
         """The constant node of `value`, as the module's `constant` (not rewritten), for
