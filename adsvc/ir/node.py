@@ -49,7 +49,7 @@ class Node(NodeOperators):
     """One SSA value: an op applied to operand nodes. Never mutate; build with `make`."""
 
     __slots__ = ("op", "inputs", "attrs", "dtype", "shape", "value", "name", "label",
-                 "digest", "types", "__weakref__")
+                 "digest", "types", "_rewritten", "__weakref__")
 
     op: str
     inputs: tuple[Node, ...]
@@ -186,9 +186,6 @@ class Builder:
 
     def __init__(self, rewriter: Callable[[Node, Builder], Node] | None = None):
         self.rewriter = rewriter
-        # what the rewriter made of each node: rules are pure, so a node built again
-        # (an intern hit: derivative rules rebuild the same products) is not rewritten again
-        self._rewritten: weakref.WeakKeyDictionary[Node, Node] = weakref.WeakKeyDictionary()
 
     def make(self, op: str, inputs, attrs: dict | None = None, label: str = "") -> Node:
         """The node `op(inputs, attrs)`, built (and checked) only if new, then rewritten."""
@@ -206,10 +203,16 @@ class Builder:
                                    types=types))
         if self.rewriter is None:
             return node
-        done = self._rewritten.get(node)
-        if done is None:
-            done = self._rewritten[node] = self.rewriter(node, self)
-        return done
+        # what the default rewriter made of the node is kept on it (rules are pure): a
+        # node built again (derivative rules rebuild the same products) is not rewritten
+        # again; itself is kept as None (no reference cycle)
+        if self.rewriter is _DEFAULT_REWRITER:
+            done = getattr(node, "_rewritten", _UNSET)
+            if done is _UNSET:
+                done = self.rewriter(node, self)
+                object.__setattr__(node, "_rewritten", None if done is node else done)
+            return node if done is None else done
+        return self.rewriter(node, self)
 
     def constant(self, value, dtype: str | None = None) -> Node:
         """The constant node of `value`, as the module's `constant` (not rewritten), for
@@ -238,6 +241,8 @@ class Builder:
         return self.make(op, (a, self.lift(b, a)))
 
 
-BUILDER = Builder(Rewriter())  # the default builder: exact simplification as nodes are made
+_UNSET = object()
+_DEFAULT_REWRITER = Rewriter()
+BUILDER = Builder(_DEFAULT_REWRITER)  # the default builder: exact simplification as made
 make = BUILDER.make
 lift = BUILDER.lift
