@@ -46,32 +46,45 @@ class Plan:
         self.input_slots = [slot[id(n)] for n in graph.inputs]
         self.inputs = {n.name: (n.dtype, n.shape) for n in graph.inputs}
         self._input_slot_set = set(self.input_slots)
-        self.template: list = [None] * len(nodes)
-        steps = []
-        for k, n in enumerate(nodes):
+        self.outputs = [(name, slot[id(n)]) for name, n in graph.outputs]
+        self._keep = {s for _, s in self.outputs}
+        self._slot, self._check = slot, check
+        # a graph of scalars only: one native register program instead of numpy per node
+        # (its numpy steps are then built only if something asks for them)
+        self.program = (Program(nodes, self.input_slots, [s for _, s in self.outputs])
+                        if scalar_vm.eligible(nodes) else None)
+        if self.program is None:
+            self.steps  # noqa: B018  (built now, under `check`)
+
+    @cached_property
+    def template(self) -> list:
+        """The slot values every run starts from: the constants (None elsewhere)."""
+        out: list = [None] * len(self.graph.nodes)
+        for n in self.graph.nodes:
+            if n.op == "constant":
+                out[self._slot[id(n)]] = n.value
+        return out
+
+    @cached_property
+    def steps(self) -> list:
+        """(kernel, operand slots, result slot, slots freed after it, node) per step."""
+        slot, check, steps = self._slot, self._check, []
+        for k, n in enumerate(self.graph.nodes):
             if check is not None and k % CHECK_EVERY == 0:
                 check()
-            if n.op == "constant":
-                self.template[slot[id(n)]] = n.value
-            elif n.op != "input":
+            if n.op not in ("constant", "input"):
                 fn = OPS[n.op].kernel(self._kernel_attrs(n, check))
                 steps.append((fn, tuple(slot[id(i)] for i in n.inputs), slot[id(n)], n))
-        self.outputs = [(name, slot[id(n)]) for name, n in graph.outputs]
-        keep = {s for _, s in self.outputs}
         last: dict[int, int] = {}
         for k, (_, ins, _, _) in enumerate(steps):
             for s in ins:
                 last[s] = k
         frees: list[list[int]] = [[] for _ in steps]
         for s, k in last.items():
-            if s not in keep:
+            if s not in self._keep:
                 frees[k].append(s)
-        self.steps = [(fn, ins, out, tuple(fr), n)
-                      for (fn, ins, out, n), fr in zip(steps, frees)]
-        self._keep = keep
-        # a graph of scalars only: one native register program instead of numpy per node
-        self.program = (Program(nodes, self.input_slots, [s for _, s in self.outputs])
-                        if scalar_vm.eligible(nodes) else None)
+        self._check = None  # a checker belongs to the compile that made the plan
+        return [(fn, ins, out, tuple(fr), n) for (fn, ins, out, n), fr in zip(steps, frees)]
 
     def _kernel_attrs(self, node, check) -> dict:
         """The node's attributes for its kernel: each sub-graph as its plan."""
@@ -141,6 +154,10 @@ class Plan:
 
     def measure(self, check=None) -> Cost:
         """Compute (and keep) `cost`; `check()` as in the constructor."""
+        if self.program is not None:  # registers, one instruction per node
+            cost = self.program.cost()
+            self.__dict__["cost"] = cost
+            return cost
         cost = plan_cost(self.graph.nodes, [(ins, out, fr, n) for _, ins, out, fr, n in
                                             self.steps], self._keep, check,
                          sub_cost=lambda g: self.subplan(g).cost)

@@ -17,6 +17,7 @@ import os
 
 import numpy as np
 
+from adsvc.runtime.cost import Cost
 from adsvc_protocol import dtypes
 
 try:  # built at install time (setup.py); optional
@@ -82,6 +83,12 @@ class Program:
         self.input_slots = input_slots
         self.output_slots = output_slots
         self.bool_out = [nodes[s].dtype == dtypes.BOOL for s in output_slots]
+
+    def cost(self) -> Cost:
+        """What a run costs: two register files (the template and its copy), one
+        operation per instruction."""
+        regs = 8 * len(self.template)
+        return Cost(2 * regs + 8, 8, [(self.count, 0, 0)])
 
     def run(self, inputs, interrupt=None) -> list[np.ndarray]:
         """The outputs (0-d arrays of the declared dtypes) at the input values (checked
