@@ -82,6 +82,54 @@ def _over_one(n, b):  # x / 1 = x
     return x if _is(y, 1) and _same(x, n) else None
 
 
+def _pow_one_zero(n, b):  # x ** 1 = x;  x ** 0 = 1 (IEEE pow: even for NaN and inf);
+    x, y = n.inputs    # x ** 2 = square(x) (numpy computes it so)
+    if _is(y, 1) and _same(x, n):
+        return x
+    if _is(y, 2) and _same(x, n):
+        return b.make("square", (x,))
+    if _is(y, 0) and x.dtype in ("float64", "float32"):
+        return b.make("broadcast_to", (b.constant(np.ones((), x.dtype)),), {"shape": n.shape})
+    return None
+
+
+def _mul_or_zero_by_constant(n, b):  # mul_or_zero(c, y) = c * y for a finite nonzero c
+    # (the zero rule only differs from mul where an operand is 0 and the other inf/NaN)
+    x, y = n.inputs
+    for c, other in ((x, y), (y, x)):
+        v = _scalar_const(c)
+        if v is not None and np.isfinite(v) and v != 0:
+            return b.make("mul", (c, other)) if c is x else b.make("mul", (other, c))
+    return None
+
+
+def _broadcast_constants(n, b):  # op(broadcast_to(a), c) = broadcast_to(op(a, c))
+    # elementwise ops on constants, some of them broadcast: folded on the small bases, so
+    # a gradient does not multiply a million broadcast ones by 100 on every call
+    bases = [_base(x) for x in n.inputs]
+    if (all(x is i for x, i in zip(bases, n.inputs)) or any(x.op != "constant" for x in bases)
+            or not isinstance(n.size, int) or max(x.size for x in bases) > FOLD_LIMIT):
+        return None
+    try:
+        with np.errstate(all="ignore"):
+            v = np.asarray(OPS[n.op].kernel(dict(n.attrs))(*[x.value for x in bases]))
+    except Exception:  # leave it for evaluation to report
+        return None
+    small = b.constant(v.astype(n.dtype, copy=False), n.dtype)
+    return small if small.shape == n.shape else b.make("broadcast_to", (small,),
+                                                         {"shape": n.shape})
+
+
+def _unbroadcast_operand(n, b):  # op(broadcast_to(a), y) = op(a, y) when y has n's shape
+    # (the kernel broadcasts a itself: no full-size copy of it)
+    x, y = n.inputs
+    if x.op == "broadcast_to" and y.shape == n.shape and y.op != "broadcast_to":
+        return b.make(n.op, (x.inputs[0], y), dict(n.attrs))
+    if y.op == "broadcast_to" and x.shape == n.shape and x.op != "broadcast_to":
+        return b.make(n.op, (x, y.inputs[0]), dict(n.attrs))
+    return None
+
+
 def _neg_neg(n, b):  # -(-x) = x
     x, = n.inputs
     return x.inputs[0] if x.op == "neg" else None
@@ -109,8 +157,13 @@ def _where_const(n, b):  # where(True, a, b) = a, where(False, a, b) = b (broadc
 
 
 RULES: dict[str, tuple[Rule, ...]] = {
-    "mul": (_times_one,), "mul_or_zero": (_times_one,),
-    "add": (_plus_zero,), "sub": (_minus_zero,), "div": (_over_one,),
+    "mul": (_times_one, _broadcast_constants, _unbroadcast_operand),
+    "mul_or_zero": (_times_one, _mul_or_zero_by_constant, _broadcast_constants,
+                    _unbroadcast_operand),
+    "pow": (_pow_one_zero, _broadcast_constants, _unbroadcast_operand),
+    "add": (_plus_zero, _broadcast_constants, _unbroadcast_operand),
+    "sub": (_minus_zero, _broadcast_constants, _unbroadcast_operand),
+    "div": (_over_one, _broadcast_constants, _unbroadcast_operand),
     "neg": (_neg_neg,),
     "reshape": (_identity, _reshape_reshape), "broadcast_to": (_identity,),
     "cast": (_identity,), "transpose": (_identity,),

@@ -46,6 +46,7 @@ from adsvc_protocol.modes import REVERSE, mode_from_enum
 from adsvc_protocol.proto import ir_pb2, service_pb2, service_pb2_grpc
 from adsvc_protocol.tensors import to_tensor, type_to_proto
 
+_CPUS = os.cpu_count() or 1  # read once: the load estimate runs on every call
 log = logging.getLogger("adsvc.server")
 REQUEST_ID = "x-request-id"
 TRIM_BYTES = 4 << 20  # requests larger than this: return freed heap memory afterwards
@@ -212,7 +213,7 @@ class AutodiffServicer(service_pb2_grpc.AutodiffServiceServicer):
         step. Only calls that are evaluating count (not idle streams or refusals)."""
         with self._lock:
             evaluating = sum(1 for c in self._calls if c.checks)
-        return max(1.0, evaluating / (os.cpu_count() or 1))
+        return max(1.0, evaluating / _CPUS)
 
     def _begin(self, rpc: str, context) -> Call:
         call = Call(rpc, context)
