@@ -22,8 +22,14 @@ def convert_feed(name: str, value, dtype: str, shape: tuple[int, ...],
     (an int64 array may feed a float input; a float array may not feed an int input)
     and integer values must fit. Shapes must match exactly.
     """
-    field = field or f"inputs.{name}"
     want = dtypes.to_numpy(dtype)
+    # the common cases, without the general checks (same results): a Python float for a
+    # float scalar; an array that already has the declared dtype and shape
+    if type(value) is float and want.kind == "f" and shape == ():
+        return np.asarray(value, dtype=want)
+    if type(value) is np.ndarray and value.dtype == want and value.shape == tuple(shape):
+        return value
+    field = field or f"inputs.{name}"
     with np.errstate(all="ignore"):  # a lossy cast is reported as an InputError, not warned
         if isinstance(value, (np.ndarray, np.generic)):
             arr = _from_array(name, value, dtype, want, field)
