@@ -18,6 +18,7 @@ from collections import namedtuple
 from collections.abc import Callable
 
 import grpc
+import numpy as np
 
 from adsvc.interrupt import REFUSE_MARGIN
 from adsvc.server import errors as status_table
@@ -62,7 +63,10 @@ _SERVICE = service_pb2.DESCRIPTOR.services_by_name["AutodiffService"]
 # parsed inside the call, so garbage gets INVALID_ARGUMENT (after authentication).
 METHODS = {m.name: (getattr(service_pb2, m.input_type.name),
                     getattr(service_pb2, m.output_type.name)) for m in _SERVICE.methods}
-UNLIMITED_RPCS = frozenset({"GetServerInfo"})  # cheap; not counted against the slots
+UNLIMITED_RPCS = frozenset({"GetServerInfo"})
+# bytes a response may take beyond its tensors' data (names, dims, tags, handles)
+# before its exact size is asked for
+RESPONSE_SLACK = 1 << 20  # cheap; not counted against the slots
 
 
 def _parse(cls, data, field: str):
@@ -70,7 +74,7 @@ def _parse(cls, data, field: str):
         return data  # already a message (a direct call, e.g. from a test)
     msg = cls()
     try:
-        msg.ParseFromString(bytes(data))
+        msg.ParseFromString(data if isinstance(data, bytes) else bytes(data))  # no copy of bytes
     except Exception:  # DecodeError, RecursionError, ...: all mean "not this message"
         raise InvalidRequestError(f"the request is not a valid {cls.DESCRIPTOR.full_name} "
                                   "message", field=field) from None
@@ -329,8 +333,15 @@ class AutodiffServicer(service_pb2_grpc.AutodiffServiceServicer):
         md = tuple(status.trailing_metadata or ()) + ((REQUEST_ID, call.request_id),)
         call.context.abort_with_status(_Status(status.code, status.details, md))
 
-    def _limit_response(self, response) -> None:
+    def _limit_response(self, response, values=None) -> None:
+        """LimitExceededError if `response` is over the message limit. With the output
+        `values` it was made of, their bytes decide when they are well under the limit
+        (ByteSize walks, and for large tensors costs as much as an encoding)."""
         limit = self.config.max_message_bytes
+        if limit and values is not None:
+            raw = sum(np.asarray(v).nbytes for v in values)
+            if raw + RESPONSE_SLACK < limit:
+                return
         if limit and response.ByteSize() > limit:
             raise LimitExceededError(f"the response would be {response.ByteSize()} bytes; the "
                                      f"message limit is {limit}", field="response")
@@ -382,7 +393,7 @@ class AutodiffServicer(service_pb2_grpc.AutodiffServiceServicer):
         values = evaluate(entry, feeds, call.interrupt)
         resp = service_pb2.EvaluateResponse(outputs=encode_outputs(entry, values),
                                             handle=entry.handle)
-        self._limit_response(resp)
+        self._limit_response(resp, values.values())
         return resp
 
     @_call
@@ -406,7 +417,7 @@ class AutodiffServicer(service_pb2_grpc.AutodiffServiceServicer):
             value=to_tensor(value, entry.outputs[name][0]), output_name=name,
             handle=entry.handle,
             gradients={x: to_tensor(g, entry.inputs[x][0]) for x, g in grads.items()})
-        self._limit_response(resp)
+        self._limit_response(resp, [value, *grads.values()])
         return resp
 
     @_call
@@ -435,7 +446,7 @@ class AutodiffServicer(service_pb2_grpc.AutodiffServiceServicer):
             values = evaluate(entry, feeds, call.interrupt)
             resp = service_pb2.EvaluateStreamResponse(
                 index=index, outputs=encode_outputs(entry, values), handle=entry.handle)
-            self._limit_response(resp)
+            self._limit_response(resp, values.values())
             yield resp
         call.field_prefix = ""
 

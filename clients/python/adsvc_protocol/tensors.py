@@ -92,7 +92,8 @@ def from_tensor(t: ir_pb2.Tensor, where: str = "", error=InputError,
         raise LimitExceededError(f"tensor has {n} elements; the limit is {max_elements}",
                                  field=where)
     np_dt = dtypes.to_numpy(dt)
-    if t.raw and len(t.values):
+    raw = t.raw  # read once: each read of a bytes field may copy it
+    if raw and len(t.values):
         raise error("set either raw or values, not both", field=where)
     if len(t.values):
         if len(t.values) != n:
@@ -103,10 +104,10 @@ def from_tensor(t: ir_pb2.Tensor, where: str = "", error=InputError,
         if dt != dtypes.FLOAT32 and dt != dtypes.FLOAT64 and not np.array_equal(arr, src):
             raise error(f"values are not exact {dt}", field=where)
         return arr.reshape(dims)
-    if len(t.raw) != n * np_dt.itemsize:
-        raise error(f"raw has {len(t.raw)} bytes; {dt}{list(dims)} needs "
+    if len(raw) != n * np_dt.itemsize:
+        raise error(f"raw has {len(raw)} bytes; {dt}{list(dims)} needs "
                     f"{n * np_dt.itemsize}", field=where)
-    arr = np.frombuffer(t.raw, dtype=np_dt).reshape(dims)
+    arr = np.frombuffer(raw, dtype=np_dt).reshape(dims)  # a view of the bytes: no copy
     if dt == dtypes.BOOL and arr.size and arr.view(np.uint8).max() > 1:
         raise error("bool bytes must be 0 or 1", field=where)
     return arr.astype(np_dt.newbyteorder("="), copy=False)
