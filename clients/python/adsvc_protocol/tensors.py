@@ -108,6 +108,8 @@ def from_tensor(t: ir_pb2.Tensor, where: str = "", error=InputError,
         raise error(f"raw has {len(raw)} bytes; {dt}{list(dims)} needs "
                     f"{n * np_dt.itemsize}", field=where)
     arr = np.frombuffer(raw, dtype=np_dt).reshape(dims)  # a view of the bytes: no copy
+    if not arr.flags.aligned:  # numpy is several times slower on unaligned elements
+        arr = arr.copy()
     if dt == dtypes.BOOL and arr.size and arr.view(np.uint8).max() > 1:
         raise error("bool bytes must be 0 or 1", field=where)
     return arr.astype(np_dt.newbyteorder("="), copy=False)
