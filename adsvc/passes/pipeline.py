@@ -38,6 +38,9 @@ def differentiate(graph: Graph, mode="reverse", wrt=None, order: int | None = No
     # graphs need no second pass; the input graph gets one, which is also the guarantee
     # for graphs built by other means.
     g = simplify(graph, check)
+    # derivatives of a graph without loops or branches have none: then neither the
+    # sharing of loops nor the nesting limit needs a walk over the (larger) result
+    has_subgraphs = g.depth > 0
     with compiling(check):  # the passes that derivative rules run over loop bodies check too
         for k, m in enumerate(modes, start=1):
             if m == "forward":
@@ -45,6 +48,8 @@ def differentiate(graph: Graph, mode="reverse", wrt=None, order: int | None = No
             else:
                 g, targets = vjp_graph(g, wrt_list, targets, seed=seed and k == 1, k=k,
                                        check=check)
+    if not has_subgraphs:
+        return g
     if share:
         g = share_saved(g)
     if g.depth > MAX_DEPTH:
