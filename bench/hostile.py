@@ -463,7 +463,10 @@ class Gen:
 
     def request(self, rpc: str):
         """A request message for `rpc` (a list for EvaluateStream): a well-typed graph
-        with hostile values (35%) or a randomly broken one."""
+        with hostile values (35%), a loop, branch or symbolic-size graph (8%), or a
+        randomly broken one."""
+        if rpc in ("Evaluate", "Gradient", "Differentiate") and self.chance(0.08):
+            return loop_request(self, rpc)
         if rpc != "GetServerInfo" and self.chance(0.35):
             return self.valid_request(rpc)
         g = self.graph()
@@ -567,6 +570,78 @@ def make_case(seed: int, i: int, ops: dict, handles: list[str]):
     elif kind == "mutated":
         data = mutate(r, data)
     return kind, rpc, data
+
+
+# -- loops, branches and symbolic sizes -------------------------------------------------------
+def _loop_graphs():
+    """Graphs with scan / while_loop / cond and symbolic sizes, traced once (protos)."""
+    import adsvc as ad  # the bench's own process traces them; the server only decodes
+
+    def runaway(x):
+        return ad.while_loop(lambda c: c > -1.0, lambda c: c + 1.0, x, max_iters=10**9)
+    return {
+        "scan": ad.to_proto(ad.trace(lambda x, y: ad.scan(
+            lambda c, r: (ad.sin(c) * y + r, c * c), x, ad.constant([1.0, 2.0, 3.0]))[0])),
+        "long_scan": ad.to_proto(ad.trace(lambda x: ad.scan(
+            lambda c, _: (c * 0.5 + 1.0, None), x, length=10**12)[0])),
+        "stacked": ad.to_proto(ad.trace(lambda x: ad.sum(ad.scan(
+            lambda c, _: (c, c), x * ad.ones((1000,)), length=10**7)[1]))),
+        "runaway": ad.to_proto(ad.trace(runaway)),
+        "while": ad.to_proto(ad.trace(lambda x: ad.while_loop(
+            lambda c: c[0] < 50.0, lambda c: (c[0] * 1.5 + 1.0, c[1] + 1), (x, 0),
+            max_iters=200)[0])),
+        "cond": ad.to_proto(ad.trace(lambda x, y: ad.cond(
+            x > y, lambda a, b: a * b, lambda a, b: ad.exp(a) - b, x, y))),
+        "symbolic": ad.to_proto(ad.trace(lambda a, b: ad.sum(a[1:] * b[:-1]) + ad.sum(
+            ad.reshape(a, (-1, 1)) * ad.reshape(b, (1, -1))), a=ad.f64("n"), b=ad.f64("n"))),
+    }
+
+
+_LOOPS: dict = {}
+
+
+def loop_request(gen: Gen, rpc: str):
+    """A request with a loop, branch or symbolic-size graph: as traced, with attributes or
+    body nodes mutated, or fed hostile values and sizes."""
+    if not _LOOPS:
+        _LOOPS.update(_loop_graphs())
+    r = gen.r
+    name = r.choice(sorted(_LOOPS))
+    g = ir_pb2.Graph()
+    g.CopyFrom(_LOOPS[name])
+    if gen.chance(0.4):  # mutate: an attribute of the loop, or a node inside a body
+        loops = [n for n in g.nodes if n.attrs and n.op in ("scan", "while_loop", "cond")]
+        if loops:
+            n = r.choice(loops)
+            key = r.choice(sorted(n.attrs))
+            a = n.attrs[key]
+            if a.WhichOneof("value") in ("graph", "graphs"):
+                body = a.graph if a.HasField("graph") else r.choice(a.graphs.graphs)
+                if body.nodes:
+                    b = r.choice(body.nodes)
+                    b.op = r.choice(("sin", "add", "element", "scan", "nope", "matmul"))
+                    if gen.chance(0.5):
+                        b.operands.append(r.choice((0, 7, 2**32 - 1)))
+            else:
+                n.attrs[key].CopyFrom(gen.attr(r.choice(("int", "ints", "bool", "str"))))
+    if gen.chance(0.1):
+        g.ir_version, g.opset_version = 1, 1
+    feeds = {}
+    for i in g.inputs:
+        size = r.choice((0, 1, 3, 5, 1000)) if name == "symbolic" else None
+        shape = [size] if size is not None else []
+        if name == "symbolic" and gen.chance(0.2):
+            shape = [r.choice((2, 7))]  # the two inputs disagree on n
+        feeds[i.name] = gen.tensor(r.choice((ir_pb2.DTYPE_FLOAT64,) * 9 + (ir_pb2.DTYPE_INT64,)),
+                                   shape)
+    if rpc == "Differentiate":
+        modes = [r.choice((1, 2)) for _ in range(r.choice((1, 2)))]
+        return S.DifferentiateRequest(graph=g, omit_graph=gen.chance(0.5),
+                                      differentiation=S.Differentiation(modes=modes))
+    if rpc == "Gradient":
+        return S.GradientRequest(graph=g, mode=r.choice((0, 1, 2)), inputs=feeds)
+    return S.EvaluateRequest(graph=g, inputs=feeds, differentiation=gen.differentiation()
+                             if gen.chance(0.5) else S.Differentiation())
 
 
 # -- sending ---------------------------------------------------------------------------

@@ -361,17 +361,26 @@ def _checkpointed_vjp(node: Node, p, cts, idx, k: int) -> list:
     padded = q * k
     ck = make("scan", node.inputs, _attrs(node, save=k))
     checkpoints = [A.element(ck, n_c + n_y + i) for i in range(n_c)]
-    rows = constant(np.minimum(np.arange(padded), n - 1).astype(np.int64))
-    mask = constant((np.arange(padded) < n).reshape(q, k))
+    # each segment gets its index; its body masks the padded steps from it (O(√n)
+    # constants, never O(n): a scan may be as long as its trip count allows)
+    index = constant(np.arange(q, dtype=np.int64))
 
     def segments(v: Node, pad_zeros: bool) -> Node:
+        """`v` (n rows) as (q, k) rows: padded with zero rows (cotangents) or with copies
+        of its last row (xs, so the padded steps see real values)."""
         rest = (0,) * (v.ndim - 1)
-        full = A.pad(v, (0, *rest), (padded - n, *rest)) if pad_zeros else A.take(v, rows, 0)
+        if padded == n:
+            full = v
+        elif pad_zeros:
+            full = A.pad(v, (0, *rest), (padded - n, *rest))
+        else:
+            last = A.slice(v, (n - 1, *rest), v.shape)
+            full = A.concat([v, A.broadcast_to(last, (padded - n, *v.shape[1:]))], 0)
         return A.reshape(full, (q, k, *v.shape[1:]))
     sb = _segment_body(body, p, (fc, ax, ak, yc), k)
     operands = [*[ct_c[i] if ct_c[i] is not None else _zeros(p.carries[i]) for i in fc],
                 *[_zeros(p.consts[i]) for i in ak], *checkpoints,
-                *[segments(x, False) for x in p.xs], mask,
+                *[segments(x, False) for x in p.xs], index,
                 *[segments(ct_y[j], True) for j in yc], *p.consts]
     b = make("scan", operands, {"body": sb, "carries": len(fc) + len(ak),
                                 "xs": n_c + n_x + 1 + len(yc), "length": q, "reverse": True,
@@ -396,10 +405,12 @@ def _segment_body(body: Graph, p, idx, k: int) -> Graph:
     acc = fresh_inputs("acc", [(p.consts[i].dtype, p.consts[i].shape) for i in ak])
     cp = fresh_inputs("c", [(c.dtype, c.shape) for c in p.carries])
     xs = fresh_inputs("x", [(x.dtype, (k, *x.shape[1:])) for x in p.xs])
-    m = fresh_inputs("m", [(dtypes.BOOL, (k,))])
+    seg = fresh_inputs("j", [(dtypes.INT64, ())])  # the segment's index
+    m = A.lt(A.add(A.mul(seg[0], k), constant(np.arange(k, dtype=np.int64))),
+             constant(np.int64(p.length)))  # which of its k steps are real
     ct_y = fresh_inputs("cty", [(outs[n_c + j].dtype, (k, *outs[n_c + j].shape)) for j in yc])
     consts = fresh_inputs("k", [(c.dtype, c.shape) for c in p.consts])
-    inner = make("scan", [*cp, *xs, *m, *consts], {
+    inner = make("scan", [*cp, *xs, m, *consts], {
         "body": masked, "carries": n_c, "xs": n_x + 1, "length": k, "save": 1,
         "checkpoint": 1})
     inner_ct: list[Node | None] = [None] * len(inner.types)
@@ -412,7 +423,7 @@ def _segment_body(body: Graph, p, idx, k: int) -> Graph:
     new_acc = [A.add_any(a, got[n_c + n_x + 1 + i]) for a, i in zip(acc, ak)]
     g_x = [got[n_c + i] if got[n_c + i] is not None else A.zeros(x.shape, x.dtype)
            for i, x in zip(ax, [xs[i] for i in ax])]
-    ins = ct_c + acc + cp + xs + m + ct_y + consts
+    ins = ct_c + acc + cp + xs + seg + ct_y + consts
     n_carry = len(fc) + len(ak)
     return make_body(ins, new_c + new_acc + g_x,
                      role_names("c", n_carry) + role_names("x", n_c + n_x + 1 + len(yc))
