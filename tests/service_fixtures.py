@@ -10,13 +10,14 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 
 import grpc
 
 from adsvc.server.app import create_server
 from adsvc.server.config import ServerConfig
-from adsvc_protocol.proto import ir_pb2, service_pb2_grpc
+from adsvc_protocol.proto import ir_pb2, service_pb2, service_pb2_grpc
 
 ROOT = Path(__file__).resolve().parent.parent
 F64 = ir_pb2.DTYPE_FLOAT64
@@ -128,3 +129,29 @@ class ServerProcess:
         if self.proc.poll() is None:
             self.proc.kill()
             self.proc.wait(10)
+
+
+def stats(rpc):
+    """The server's counters (GetServerInfo.stats)."""
+    return rpc.GetServerInfo(service_pb2.GetServerInfoRequest(), timeout=10).stats
+
+
+def wait_until(predicate, limit=30.0):
+    """Poll `predicate` every 50 ms for at most `limit` seconds."""
+    end = time.monotonic() + limit
+    while time.monotonic() < end:
+        if predicate():
+            return True
+        time.sleep(0.05)
+    return False
+
+
+def stopped_steps(caplog, request_id, status):
+    """The evaluation steps the server's log line for `request_id` says ran."""
+    lines = [r.getMessage() for r in caplog.records
+             if f"request_id={request_id}" in r.getMessage()]
+    assert len(lines) == 1, lines
+    assert f"status={status}" in lines[0]
+    m = re.search(r"interrupted after (\d+) evaluation steps", lines[0])
+    assert m, lines[0]
+    return int(m.group(1))

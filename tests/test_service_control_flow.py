@@ -8,9 +8,6 @@ count)."""
 
 from __future__ import annotations
 
-import re
-import time
-
 import grpc
 import numpy as np
 import pytest
@@ -18,7 +15,17 @@ from derivcheck import check_first_order, check_second_order
 from google.rpc import error_details_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_status import rpc_status
-from service_fixtures import F64, channel, hand_graph, running_server, seed_graph, stub
+from service_fixtures import (
+    F64,
+    channel,
+    hand_graph,
+    running_server,
+    seed_graph,
+    stats,
+    stopped_steps,
+    stub,
+    wait_until,
+)
 
 import adsvc
 from adsvc.errors import (
@@ -832,30 +839,7 @@ def long_server():
         yield stub(ch), target
 
 
-def stats(rpc):
-    """The server's counters."""
-    return rpc.GetServerInfo(S.GetServerInfoRequest(), timeout=10).stats
 
-
-def wait_until(predicate, limit=30.0):
-    """Poll `predicate` every 50 ms for at most `limit` seconds."""
-    end = time.monotonic() + limit
-    while time.monotonic() < end:
-        if predicate():
-            return True
-        time.sleep(0.05)
-    return False
-
-
-def stopped_steps(caplog, request_id, status):
-    """The evaluation steps the server's log line for `request_id` says ran."""
-    lines = [r.getMessage() for r in caplog.records
-             if f"request_id={request_id}" in r.getMessage()]
-    assert len(lines) == 1, lines
-    assert f"status={status}" in lines[0]
-    m = re.search(r"interrupted after (\d+) evaluation steps", lines[0])
-    assert m, lines[0]
-    return int(m.group(1))
 
 
 def assert_stopped_and_serving(rpc, target, before):

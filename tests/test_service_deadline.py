@@ -6,13 +6,19 @@ server itself: its `evaluations_interrupted` counter and the call's log line, wh
 records how many steps ran before the interruption.
 """
 
-import re
-import time
 
 import grpc
 import numpy as np
 import pytest
-from service_fixtures import channel, running_server, sin_chain, stub
+from service_fixtures import (
+    channel,
+    running_server,
+    sin_chain,
+    stats,
+    stopped_steps,
+    stub,
+    wait_until,
+)
 
 import adsvc
 from adsvc_protocol.proto import service_pb2 as S
@@ -31,27 +37,7 @@ def setup():
         yield rpc, handle, target
 
 
-def stats(rpc):
-    return rpc.GetServerInfo(S.GetServerInfoRequest(), timeout=10).stats
 
-
-def wait_until(predicate, limit=30.0):
-    end = time.monotonic() + limit
-    while time.monotonic() < end:
-        if predicate():
-            return True
-        time.sleep(0.05)
-    return False
-
-
-def stopped_steps(caplog, request_id, status):
-    lines = [r.getMessage() for r in caplog.records if f"request_id={request_id}" in
-             r.getMessage()]
-    assert len(lines) == 1, lines
-    assert f"status={status}" in lines[0]
-    m = re.search(r"interrupted after (\d+) evaluation steps", lines[0])
-    assert m, lines[0]
-    return int(m.group(1))
 
 
 def test_deadline_stops_the_evaluation(setup, caplog):

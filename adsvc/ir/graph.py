@@ -10,6 +10,17 @@ from adsvc.ir.text import to_text
 from adsvc_protocol.dims import Dim
 
 
+def subgraphs(node: Node) -> list[tuple[str, tuple[Graph, ...]]]:
+    """[(attribute, its graphs)] of the sub-graphs a node holds: a loop's `body` (one),
+    a cond's `branches` (several)."""
+    out = []
+    for k, v in node.attrs:
+        graphs = v if isinstance(v, tuple) else (v,)
+        if graphs and all(isinstance(g, Graph) for g in graphs):
+            out.append((k, graphs))
+    return out
+
+
 class Graph:
     """Immutable: inputs (op "input" nodes) and (name, node) outputs.
 
@@ -48,24 +59,14 @@ class Graph:
     def total_nodes(self) -> int:
         """How many nodes the graph holds with its sub-graphs (loop bodies, branches):
         what node limits count."""
-        total = len(self.nodes)
-        for n in self.nodes:
-            for _, v in n.attrs:
-                for g in (v if isinstance(v, tuple) else (v,)):
-                    if isinstance(g, Graph):
-                        total += g.total_nodes
-        return total
+        return len(self.nodes) + sum(g.total_nodes for n in self.nodes
+                                     for _, gs in subgraphs(n) for g in gs)
 
     @cached_property
     def depth(self) -> int:
         """How deep sub-graphs nest in it (0: none; a loop body: 1; a loop in it: 2 ...)."""
-        deepest = 0
-        for n in self.nodes:
-            for _, v in n.attrs:
-                for g in (v if isinstance(v, tuple) else (v,)):
-                    if isinstance(g, Graph):
-                        deepest = max(deepest, 1 + g.depth)
-        return deepest
+        return max((1 + g.depth for n in self.nodes for _, gs in subgraphs(n) for g in gs),
+                   default=0)
 
     @cached_property
     def symbolic(self) -> bool:
@@ -75,10 +76,11 @@ class Graph:
             shapes = [n.shape] + [sh for _, sh in n.types or ()]
             if any(isinstance(d, Dim) for sh in shapes for d in sh):
                 return True
-            for _, v in n.attrs:
-                for x in (v if isinstance(v, tuple) else (v,)):
-                    if isinstance(x, Dim) or (isinstance(x, Graph) and x.symbolic):
-                        return True
+            if any(isinstance(x, Dim) for _, v in n.attrs
+                   for x in (v if isinstance(v, tuple) else (v,))):
+                return True
+            if any(g.symbolic for _, gs in subgraphs(n) for g in gs):
+                return True
         return False
 
     def input(self, name: str) -> Node:

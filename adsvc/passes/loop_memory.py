@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from adsvc.ir.graph import Graph
+from adsvc.ir.graph import Graph, subgraphs
 from adsvc.passes.loops import saved_rows, scan_parts
 from adsvc_protocol import dtypes
 
@@ -51,8 +51,7 @@ def loop_memory(graph: Graph, depth: int = 0) -> list[LoopMemory]:
         elif n.op == "while_loop" and n.attr("save"):
             m, carries = n.attr("max_iters"), n.inputs[:n.attr("carries")]
             found.append(LoopMemory("while_loop", m, 1, m, m * _bytes(carries), 0, depth))
-        for _, v in n.attrs:
-            for g in (v if isinstance(v, tuple) else (v,)):
-                if isinstance(g, Graph):
-                    found.extend(loop_memory(g, depth + 1))
+        for _, gs in subgraphs(n):
+            for g in gs:
+                found.extend(loop_memory(g, depth + 1))
     return found

@@ -26,6 +26,7 @@ import numpy as np
 from adsvc.interrupt import loop_checker
 from adsvc.ir.node import Node
 from adsvc.ir.opdef import TUPLE, Attr, OpDef, register
+from adsvc.passes.bodies import free_inputs
 from adsvc_protocol import dtypes
 from adsvc_protocol.dims import Dim, known_le
 from adsvc_protocol.errors import (
@@ -62,11 +63,10 @@ def check_arity(op: str, graph, n_in: int, n_out: int | None, what: str) -> None
 
 def check_closed(op: str, graph, what: str) -> None:
     """InvalidGraphError if a body reads a value that is not one of its inputs."""
-    declared = {id(n) for n in graph.inputs}
-    for n in graph.nodes:
-        if n.op == "input" and id(n) not in declared:
-            raise InvalidGraphError(f"op {op!r}: the {what} reads {n.name!r}, which is not "
-                                    "one of its inputs (bind it as an operand)")
+    free = free_inputs(graph)
+    if free:
+        raise InvalidGraphError(f"op {op!r}: the {what} reads {free[0].name!r}, which is not "
+                                "one of its inputs (bind it as an operand)")
 
 
 def check_carries_kept(op: str, graph, carries, what: str = "body") -> None:

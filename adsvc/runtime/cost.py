@@ -22,6 +22,7 @@ from functools import cache, cached_property
 import numpy as np
 
 from adsvc.interrupt import CHECK_EVERY
+from adsvc.ir.graph import subgraphs
 from adsvc.ir.opdef import OPS
 from adsvc.machine import memory_fraction  # noqa: F401  (the runtime's budgets use it)
 from adsvc_protocol import dtypes
@@ -96,16 +97,6 @@ def nbytes(node) -> int:
         return sum(math.prod(sh) * np.dtype(dtypes.to_numpy(dt)).itemsize
                    for dt, sh in node.types)
     return math.prod(node.shape) * np.dtype(dtypes.to_numpy(node.dtype)).itemsize
-
-
-def subgraphs(node) -> list[tuple[str, list]]:
-    """[(attribute, [graphs])] of the sub-graphs a node holds (loop bodies, branches)."""
-    out = []
-    for k, v in node.attrs:
-        graphs = v if isinstance(v, tuple) else (v,)
-        if graphs and all(hasattr(g, "outputs") and hasattr(g, "key") for g in graphs):
-            out.append((k, list(graphs)))
-    return out
 
 
 def operations(node, sub_cost=None) -> tuple[int, int, int]:

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from adsvc.ir.codec import graph_from_proto, graph_to_proto
-from adsvc.ir.graph import Graph
+from adsvc.ir.graph import Graph, subgraphs
 from adsvc.ir.node import nodes_created
 from adsvc.passes.pipeline import compile_graph, estimate_nodes, signature
 from adsvc.passes.sparsity import sparsity
@@ -121,11 +121,10 @@ def check_elements(graph: Graph, config: ServerConfig, what: str) -> None:
             raise LimitExceededError(
                 f"{what} node {i} ({n.op}) has shape {list(n.shape)} = {size} elements; the "
                 f"limit is {limit}", field="nodes" if n.op != "input" else f"inputs.{n.name}")
-        for k, v in n.attrs:  # loop bodies and branches: the same limit inside
-            for j, sub in enumerate(v if isinstance(v, tuple) else (v,)):
-                if isinstance(sub, Graph):
-                    check_elements(sub, config, f"{what}'s node {i} ({n.op}) {k}"
-                                   + (f"[{j}]" if isinstance(v, tuple) else "") + ":")
+        for k, gs in subgraphs(n):  # loop bodies and branches: the same limit inside
+            for j, sub in enumerate(gs):
+                where = f"{k}[{j}]" if isinstance(n.attr(k), tuple) else k
+                check_elements(sub, config, f"{what}'s node {i} ({n.op}) {where}:")
 
 
 def decode_graph(proto: ir_pb2.Graph, config: ServerConfig,
