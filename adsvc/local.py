@@ -9,8 +9,8 @@ from adsvc.ir.codec import as_graph
 from adsvc.passes.pipeline import compile_graph, signature
 from adsvc.passes.sparsity import sparsity
 from adsvc.passes.sweeps import sweeps_graph
-from adsvc.runtime.cost import held_bytes, memory_fraction
-from adsvc.runtime.plan import plan_for
+from adsvc.runtime.cost import memory_fraction
+from adsvc.runtime.plan import plan_bytes, plan_for
 from adsvc_protocol.client import ClientBase, Compiled
 from adsvc_protocol.errors import DeadlineExceededError, LimitExceededError
 from adsvc_protocol.lru import LRUCache
@@ -71,7 +71,7 @@ class LocalClient(ClientBase):
         out = build()
         ins, outs = signature(out)
         compiled = Compiled(plan_for(out), ins, outs, out)
-        self.cache.put(key, compiled, weight=(held_bytes(out), out.total_nodes))
+        self.cache.put(key, compiled, weight=(plan_bytes(compiled.handle), out.total_nodes))
         return compiled
 
     def _run(self, compiled, feeds, timeout):

@@ -955,3 +955,20 @@ def test_hand_built_symbolic_graph_over_the_wire(rpc):
         x = np.arange(k, dtype=float)
         r = rpc.Evaluate(S.EvaluateRequest(graph=p, inputs={"x": to_tensor(x)}))
         assert float(from_tensor(r.outputs["out"])) == float(x @ x)
+
+
+def test_cache_weights_count_the_plans_a_symbolic_graph_keeps():
+    from adsvc.runtime.cost import held_bytes
+    from adsvc.runtime.plan import SymbolicPlan
+    c = adsvc.local()
+    sym = adsvc.trace(lambda x: adsvc.sum(x * x), x=f64("n"))
+    fixed = adsvc.trace(lambda x: adsvc.sum(x * x), x=f64(4))
+    c.evaluate(sym, x=np.ones(3))
+    c.evaluate(fixed, x=np.ones(4))
+    g_sym = c._compile(sym, (), None, False, None).graph
+    assert c.cache.weight[0] == held_bytes(g_sym) * (1 + SymbolicPlan.KEEP) + held_bytes(
+        c._compile(fixed, (), None, False, None).graph)
+    plan = c._compile(sym, (), None, False, None).handle
+    for n in range(1, 3 * SymbolicPlan.KEEP):  # the plans kept stay bounded in count
+        c.evaluate(sym, x=np.ones(n))
+    assert len(plan._plans) == SymbolicPlan.KEEP

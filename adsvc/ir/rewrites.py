@@ -106,6 +106,8 @@ def _mul_or_zero_by_constant(n, b):  # mul_or_zero(c, y) = c * y for a finite no
 def _broadcast_constants(n, b):  # op(broadcast_to(a), c) = broadcast_to(op(a, c))
     # elementwise ops on constants, some of them broadcast: folded on the small bases, so
     # a gradient does not multiply a million broadcast ones by 100 on every call
+    if not any(x.op == "broadcast_to" for x in n.inputs):  # the common case: nothing to do
+        return None
     bases = [_base(x) for x in n.inputs]
     if (all(x is i for x, i in zip(bases, n.inputs)) or any(x.op != "constant" for x in bases)
             or not isinstance(n.size, int) or max(x.size for x in bases) > FOLD_LIMIT):

@@ -21,7 +21,7 @@ from adsvc.ir.opdef import OPS
 from adsvc.passes.loop_memory import loop_memory
 from adsvc.passes.specialize import specialize
 from adsvc.runtime import scalar_vm
-from adsvc.runtime.cost import Cost, observe, plan_cost, speed
+from adsvc.runtime.cost import Cost, held_bytes, observe, plan_cost, speed
 from adsvc.runtime.scalar_vm import Program
 from adsvc_protocol.dims import bind, symbols_of
 from adsvc_protocol.errors import AdsvcError, EvaluationError, InputError, LimitExceededError
@@ -232,11 +232,14 @@ class SymbolicPlan:
     (`passes.specialize`) and runs its plan; the plans of the last `keep` bindings are
     kept. Limits (memory, deadlines) are those of the bound plan."""
 
-    def __init__(self, graph: Graph, keep: int = 8):
+    KEEP = 4  # plans of recent sizes; each about as large as the graph (see `held_bytes`)
+
+    def __init__(self, graph: Graph, keep: int = KEEP):
         self.graph = graph
         self.inputs = {n.name: (n.dtype, n.shape) for n in graph.inputs}
         self.symbols = sorted(symbols_of(self.inputs))
         self._plans: LRUCache = LRUCache(keep)
+        self.keep = keep
 
     def binding(self, feeds: Mapping[str, object]) -> dict[str, int]:
         """The size of every symbol, from the shapes of `feeds`."""
@@ -262,6 +265,14 @@ class SymbolicPlan:
             interrupt: Interrupt | None = None) -> dict[str, np.ndarray]:
         """`Plan.run` of the plan at the sizes of `feeds`."""
         return self.bound(feeds).run(feeds, interrupt)
+
+
+def plan_bytes(plan: Plan | SymbolicPlan) -> int:
+    """What a compiled plan may hold, for caches bounded by bytes: its graph's nodes,
+    plan steps and constants, and for a symbolic one the plans of the sizes it keeps
+    (each rebuilds the graph: counted as one more graph each)."""
+    one = held_bytes(plan.graph)
+    return one * (1 + plan.keep) if isinstance(plan, SymbolicPlan) else one
 
 
 def plan_for(graph: Graph, check=None) -> Plan | SymbolicPlan:

@@ -18,8 +18,7 @@ from adsvc.ir.graph import Graph, subgraphs
 from adsvc.ir.node import nodes_created
 from adsvc.passes.pipeline import compile_graph, estimate_nodes, signature
 from adsvc.passes.sparsity import sparsity
-from adsvc.runtime.cost import held_bytes
-from adsvc.runtime.plan import Plan, SymbolicPlan, plan_for
+from adsvc.runtime.plan import Plan, SymbolicPlan, plan_bytes, plan_for
 from adsvc.server.config import ServerConfig
 from adsvc.server.metrics import Metrics
 from adsvc.server.store import RedisStore
@@ -86,7 +85,7 @@ class Entry:
         """(bytes, nodes) this entry holds in the cache: nodes, plan steps and kernels at
         NODE_BYTES each, plus constants' data and names/labels."""
         extra = sum(s.nbytes for s in self.sparsity.values())
-        return held_bytes(self.graph) + extra, self.graph.total_nodes
+        return plan_bytes(self.plan) + extra, self.graph.total_nodes
 
 
 def spec_from_proto(d: service_pb2.Differentiation, config: ServerConfig,
