@@ -24,7 +24,9 @@ class BuildWithProtos(build_py):
 
 # The scalar VM (adsvc/runtime/_scalarvm.c): compiled once at install time; optional, so
 # an install without a C compiler still works (plans then run on the numpy interpreter).
-SCALAR_VM = Extension("adsvc.runtime._scalarvm", ["adsvc/runtime/_scalarvm.c"],
-                      extra_compile_args=["-O2"], optional=True)
+SCALAR_VM = Extension("adsvc.runtime._scalarvm",
+                      [f"adsvc/runtime/{f}.c" for f in ("_scalarvm", "_vmflatten", "_vmsweeps")],
+                      depends=["adsvc/runtime/_scalarvm.h"], extra_compile_args=["-O2"],
+                      optional=True)
 
 setup(cmdclass={"build_py": BuildWithProtos}, ext_modules=[SCALAR_VM])

@@ -6,11 +6,11 @@ import time
 
 from adsvc.interrupt import REFUSE_MARGIN
 from adsvc.ir.codec import as_graph
-from adsvc.passes.pipeline import compile_graph, signature
 from adsvc.passes.sparsity import sparsity
 from adsvc.passes.sweeps import sweeps_graph
 from adsvc.runtime.cost import memory_fraction
-from adsvc.runtime.plan import plan_bytes, plan_for
+from adsvc.runtime.plan import compile_plan, plan_bytes, plan_for, plan_nodes
+from adsvc.runtime.tape import TapePlan
 from adsvc_protocol.client import ClientBase, Compiled
 from adsvc_protocol.errors import DeadlineExceededError, LimitExceededError
 from adsvc_protocol.lru import LRUCache
@@ -54,24 +54,25 @@ class LocalClient(ClientBase):
 
     def _compile(self, g, modes, wrt, seed, timeout) -> Compiled:
         graph = as_graph(g)
-        return self._cached((graph.key, modes, wrt, seed), lambda: compile_graph(
+        return self._cached((graph.key, modes, wrt, seed), lambda: compile_plan(
             graph, modes, wrt, seed, deadline_check(timeout), self.max_eval_bytes))
 
     def _compile_sweeps(self, g, mode, wrt, count, timeout) -> Compiled:
         graph = as_graph(g)
-        return self._cached((graph.key, "sweeps", mode, wrt, count), lambda: sweeps_graph(
-            graph, mode, wrt, count, deadline_check(timeout)))
+        return self._cached((graph.key, "sweeps", mode, wrt, count), lambda: plan_for(
+            sweeps_graph(graph, mode, wrt, count, deadline_check(timeout))))
 
     def _cached(self, key, build) -> Compiled:
-        """The compiled graph of `key`, built (`build()` gives the graph) and planned on
-        a miss."""
+        """The compiled plan of `key`, built (`build()` gives the plan) on a miss."""
         hit = self.cache.get(key)
         if hit is not None:
             return hit
-        out = build()
-        ins, outs = signature(out)
-        compiled = Compiled(plan_for(out), ins, outs, out)
-        self.cache.put(key, compiled, weight=(plan_bytes(compiled.handle), out.total_nodes))
+        plan = build()
+        ins, outs = plan.signature
+        # a tape builds its differentiated graph only if asked for (`adsvc show`)
+        graph = (lambda: plan.graph) if isinstance(plan, TapePlan) else plan.graph
+        compiled = Compiled(plan, ins, outs, graph)
+        self.cache.put(key, compiled, weight=(plan_bytes(plan), plan_nodes(plan)))
         return compiled
 
     def _run(self, compiled, feeds, timeout):

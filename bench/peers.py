@@ -99,7 +99,7 @@ from core_timing import random_scalar_graph  # noqa: E402 (the W2 DAG)
 import adsvc as ad  # noqa: E402
 from adsvc.passes.pipeline import compile_graph  # noqa: E402
 from adsvc.runtime import scalar_vm  # noqa: E402
-from adsvc.runtime.plan import Plan  # noqa: E402
+from adsvc.runtime.plan import Plan, compile_plan  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 MAX_INNER = 20_000  # calls per sample, at most
@@ -382,7 +382,7 @@ def w1(cfg) -> Group:
     """The seed example's value and gradient, steady state."""
     g = ad.trace(seed_fn)
     c = ad.local()
-    plan = Plan(compile_graph(g, ("reverse",), None, True))
+    plan = compile_plan(g, ("reverse",), None, True)  # what clients run: the native tape
     feeds = {"x": 3.0, "y": 4.0}
     ref = c.value_and_grad(g, **feeds)
     ref = (ref[0], [ref[1]["x"], ref[1]["y"]])
@@ -574,9 +574,10 @@ def _casadi_call(fn, x0):
     return call
 
 
-def _compile(g) -> Plan:
-    """adsvc's compile of a gradient: differentiate (reverse, seeded) + plan."""
-    return Plan(compile_graph(g, ("reverse",), None, True))
+def _compile(g):
+    """adsvc's compile of a gradient, as its clients compile it (`compile_plan`: a
+    scalar graph's gradient is a native tape, no derivative graph)."""
+    return compile_plan(g, ("reverse",), None, True)
 
 
 def _interpreter_plan(d) -> Plan:
@@ -600,6 +601,9 @@ class DagCase:
         self.x0 = [0.1 * (i + 1) for i in range(n_in)]
         self.feeds = dict(zip(self.names, self.x0))
         self.recipe = dag_recipe(n, n_in)
+        self.tape, self.t_tape = first_call(lambda: _compile(self.g))
+        self.jvp_tape = compile_plan(self.g, ("forward",), None, False)
+        # the derivative graph (what the general path builds) and its plan, for reference
         self.d, self.t_diff = first_call(
             lambda: compile_graph(self.g, ("reverse",), None, True))
         self.plan, self.t_plan = first_call(lambda: Plan(self.d))
@@ -656,12 +660,15 @@ def w2(cfg) -> Group:
         f"W2 {n:,} nodes: traced graph {len(g.nodes):,} nodes (trace {case.t_trace:.2f} s), "
         f"gradient graph {len(case.d.nodes):,} nodes "
         f"({len(case.d.nodes) / len(g.nodes):.2f} per primal node); first compile: "
-        f"differentiate {case.t_diff:.2f} s + plan {case.t_plan:.2f} s; adsvc's VM "
-        f"program {case.plan.program.count:,} instructions; adsvc's two evaluators "
+        f"the native tape (what clients run) {case.t_tape:.3f} s, {case.tape.count:,} "
+        f"forward + {case.tape.active_instructions:,} adjoint instructions; the "
+        f"derivative graph: differentiate {case.t_diff:.2f} s + plan {case.t_plan:.2f} s, "
+        f"VM program {case.plan.program.count:,} instructions; adsvc's two evaluators "
         f"(VM: libm, interpreter: numpy's sin/cos/tanh) differ by "
         f"{rel_err(case.ref, case.ref_interp):.0e}")
     label = f"W2 {n // 1000}k-node scalar DAG"
     grp.rows += _w2_eval_rows(cfg, label, case, grp)
+    grp.rows += _w2_jvp_rows(cfg, label, case)
     grp.rows += _w2_f_rows(cfg, label, g, case.feeds, case.recipe, case.x0)
     grp.rows += _w2_cold_rows(label, case, grp)
     return grp
@@ -692,9 +699,33 @@ def _w2_eval_rows(cfg, label, case: DagCase, grp) -> list[Row]:
     peers["Python floats, f alone (no gradient)"] = (
         partial(replay, case.recipe, case.x0, math.sin, math.cos, math.tanh), case.ref[0])
     return compare(f"{label}: value+grad", {
-        "adsvc scalar VM, Plan.run": partial(case.run, case.plan),
+        "adsvc native tape, run": partial(case.run, case.tape),
+        "adsvc derivative graph on the VM, Plan.run": partial(case.run, case.plan),
         "adsvc.local() value_and_grad": local_call}, peers, case.ref, cfg["budget"],
         cfg["target"], min_rep=3, max_rep=25)
+
+
+def _w2_jvp_rows(cfg, label, case: DagCase) -> list[Row]:
+    """A JVP along one direction: adsvc's tangent tape vs CasADi's `jtimes` Function."""
+    v = [1.0 / (i + 1) for i in range(len(case.x0))]
+    feeds = {**case.feeds, **{f"tangent:{k}": d for k, d in zip(case.names, v)}}
+
+    def tape():
+        r = case.jvp_tape.run(feeds)
+        return r["out"], r["tangent:out"]
+    peers = {}
+    if casadi is None:
+        peers["CasADi SX Function (value + jtimes)"] = "casadi not installed"
+    else:
+        xs, f = casadi_dag(case.recipe, len(case.x0))
+        dv = casadi.SX.sym("v", len(case.x0))
+        fn = casadi.Function("jv", [xs, dv], [f, casadi.jtimes(f, xs, dv)])
+        x, vv = np.array(case.x0), np.array(v)
+        peers["CasADi SX Function (value + jtimes)"] = lambda: tuple(
+            float(o) for o in fn(x, vv))
+    ref = tape()
+    return compare(f"{label}: JVP (one direction)", {"adsvc native tape (forward), run": tape},
+                   peers, ref, cfg["budget"], cfg["target"], min_rep=3, max_rep=25)
 
 
 def _w2_f_rows(cfg, label, g, feeds, recipe, x0) -> list[Row]:
@@ -739,7 +770,7 @@ def _w2_cold_rows(label, case: DagCase, grp) -> list[Row]:
                      f"are first times, on DAGs of seeds {COLD_SEEDS}")
     missing = "casadi not installed"
     return [Row(f"{label}: compile (differentiate + plan), new graph",
-                "adsvc compile_graph + Plan", times["compile"],
+                "adsvc compile_plan (native tape)", times["compile"],
                 "CasADi gradient + Function" if casadi else f"CasADi ({missing})",
                 times["construct"] or None, "—"),
             Row(f"{label}: build the graph, new graph", "adsvc.trace", times["trace"],
@@ -1122,8 +1153,7 @@ def big_child_main(n: int, budget: float) -> int:
     n_in = 10
     base = _status_bytes("VmRSS")
     (g, names), t_trace = first_call(lambda: random_scalar_graph(n, n_in))
-    d, t_diff = first_call(lambda: compile_graph(g, ("reverse",), None, True))
-    plan, t_plan = first_call(lambda: Plan(d))
+    plan, t_compile = first_call(lambda: _compile(g))  # the native tape
     x0 = [0.1 * (i + 1) for i in range(n_in)]
     feeds = dict(zip(names, x0))
 
@@ -1133,8 +1163,8 @@ def big_child_main(n: int, budget: float) -> int:
 
     ref = run()
     peak = _status_bytes("VmHWM")
-    out = dict(n=n, nodes=len(g.nodes), compiled=len(d.nodes), trace=t_trace,
-               diff=t_diff, plan=t_plan, base=base, peak=peak, vm=plan.program is not None)
+    out = dict(n=n, nodes=n, compiled=plan.total_nodes, trace=t_trace, compile=t_compile,
+               base=base, peak=peak)
     recipe = dag_recipe(n, n_in)
     fns = {"adsvc": (run, 0.0),
            "tape": (lambda: tape_value_and_grad(recipe, x0), 0.0)}
@@ -1143,7 +1173,7 @@ def big_child_main(n: int, budget: float) -> int:
         xs, f = casadi_dag(recipe, n_in)
         fn, out["casadi_construct"] = first_call(lambda: casadi_construct(xs, f))
         out["casadi_instructions"] = fn.n_instructions()
-        out["vm_instructions"] = plan.program.count if plan.program else None
+        out["vm_instructions"] = plan.count + plan.active_instructions
         fns["casadi"] = (_casadi_call(fn, x0), 0.0)
         out["check"]["casadi"] = verdict(rel_err(ref, fns["casadi"][0]()), TOL64)
     out["times"] = measure(fns, budget, 0.02, min_rep=3, max_rep=15)
@@ -1170,7 +1200,7 @@ def w2_big(cfg) -> Group:
         return grp
     t = r["times"]
     chk = r["check"]
-    rows = [Row(f"{label}: value+grad", "adsvc scalar VM, Plan.run", t["adsvc"],
+    rows = [Row(f"{label}: value+grad", "adsvc native tape, run", t["adsvc"],
                 "hand-written tape (Python floats)", t["tape"], chk["tape"])]
     if "casadi" in t:
         folded = r["casadi_instructions"] < r["compiled"] / 10
@@ -1180,7 +1210,7 @@ def w2_big(cfg) -> Group:
                            f"CasADi SX Function (value + gradient){why}", t["casadi"],
                            chk["casadi"], not folded))
         rows.append(Row(f"{label}: compile (differentiate + plan)",
-                        "adsvc compile_graph + Plan", [r["diff"] + r["plan"]],
+                        "adsvc compile_plan (native tape)", [r["compile"]],
                         f"CasADi gradient + Function{why}", [r["casadi_construct"]], "—",
                         not folded))
         grp.notes.append(
@@ -1195,10 +1225,10 @@ def w2_big(cfg) -> Group:
     per = (r["peak"] - r["base"]) / r["compiled"]
     grp.notes.append(
         f"{label} (child process): traced {r['nodes']:,} nodes in {r['trace']:.1f} s; "
-        f"gradient graph {r['compiled']:,} nodes; differentiate {r['diff']:.1f} s + plan "
-        f"{r['plan']:.1f} s; peak RSS {r['peak'] / 2**30:.2f} GiB (baseline "
-        f"{r['base'] / 2**20:.0f} MiB: {per:.0f} B per compiled node, traced graph "
-        f"included); VM: {r['vm']}")
+        f"native tape compiled in {r['compile']:.2f} s ({r['compiled']:,} registers + "
+        f"adjoint instructions); peak RSS {r['peak'] / 2**30:.2f} GiB (baseline "
+        f"{r['base'] / 2**20:.0f} MiB: {per:.0f} B per compiled node, the traced graph "
+        f"included)")
     return grp
 
 

@@ -19,6 +19,7 @@ import adsvc as ad
 from adsvc.ir.opdef import OPS
 from adsvc.runtime import scalar_vm
 from adsvc.runtime.plan import Plan
+from adsvc.runtime.tape import TapePlan
 
 pytestmark = pytest.mark.skipif(not scalar_vm.available(), reason="the VM is not built")
 
@@ -122,7 +123,10 @@ def test_vm_derivatives_against_finite_differences():
                                                  for i in range(60)]})
     feeds = {n: 0.3 * (k + 1) for k, n in enumerate(names)}
     c = ad.local()
-    assert c._compile(g, ("reverse",), None, True, None).handle.program is not None
+    # first order: the native tape (runtime.tape); second order: the derivative graph's
+    # plan on the VM
+    assert isinstance(c._compile(g, ("reverse",), None, True, None).handle, TapePlan)
+    assert c._compile(g, ("reverse", "forward"), None, True, None).handle.program is not None
     check_first_order(c, g, feeds, np.random.default_rng(0))
     check_second_order(c, g, feeds, np.random.default_rng(1))
 

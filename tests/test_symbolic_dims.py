@@ -35,7 +35,7 @@ from adsvc_protocol.proto import service_pb2 as S
 from adsvc_protocol.tensors import from_tensor, to_tensor
 
 f64, i64 = adsvc.f64, adsvc.i64
-local_module = importlib.import_module("adsvc.local")  # adsvc.local is the function
+plan_module = importlib.import_module("adsvc.runtime.plan")  # where clients compile
 N, M = Dim.symbol("n"), Dim.symbol("m")
 H = 1e-6
 INVALID, EXHAUSTED = grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.RESOURCE_EXHAUSTED
@@ -401,12 +401,12 @@ def test_program_derivative_identities(prog):
 @pytest.mark.parametrize("prog", list(PROGRAMS))
 def test_local_client_compiles_once_for_every_size(prog, monkeypatch):
     calls = []
-    real = local_module.compile_graph
+    real = plan_module.compile_graph
 
     def counting(graph, modes, *a, **kw):
         calls.append(tuple(modes))
         return real(graph, modes, *a, **kw)
-    monkeypatch.setattr(local_module, "compile_graph", counting)
+    monkeypatch.setattr(plan_module, "compile_graph", counting)
     g, c = _symbolic(prog), adsvc.local()
     for k in PROGRAMS[prog][4][-3:]:
         feeds = _feeds(prog, k)

@@ -9,48 +9,14 @@
  * IEEE results, NaN rules included). Built as an optional extension: without it, plans
  * run on the numpy interpreter.
  */
-#define PY_SSIZE_T_CLEAN
-#include <Python.h>
-#include <math.h>
+#include "_scalarvm.h"
 
-enum {
-    OP_COPY = 0, OP_ADD, OP_SUB, OP_MUL, OP_DIV, OP_NEG, OP_EXP, OP_LOG, OP_SIN, OP_COS,
-    OP_TAN, OP_TANH, OP_SQRT, OP_SQUARE, OP_RECIPROCAL, OP_ABS, OP_SIGN, OP_SIGMOID,
-    OP_SOFTPLUS, OP_LOG1P, OP_EXPM1, OP_POW, OP_MAXIMUM, OP_MINIMUM, OP_MUL_OR_ZERO,
-    OP_WHERE, OP_LT, OP_LE, OP_GT, OP_GE, OP_EQ, OP_NE, OP_COUNT
-};
-
-static inline double softplus(double x) {
-    /* numpy's logaddexp(0, x) */
-    if (x != x) return x;
-    if (x == INFINITY) return x;
-    double m = x > 0.0 ? x : 0.0;
-    return m + log1p(exp(-fabs(x)));
-}
-
-static inline double maximum(double a, double b) {
-    if (a != a) return a;
-    if (b != b) return b;
-    return a >= b ? a : b;
-}
-
-static inline double minimum(double a, double b) {
-    if (a != a) return a;
-    if (b != b) return b;
-    return a <= b ? a : b;
-}
-
-static inline double sign(double x) {
-    if (x != x) return x;
-    return x > 0.0 ? 1.0 : (x < 0.0 ? -1.0 : 0.0);
-}
-
-static void execute(const int32_t *p, double *r, Py_ssize_t start, Py_ssize_t stop) {
+void vm_execute(const int32_t *p, double *r, Py_ssize_t start, Py_ssize_t stop) {
     for (Py_ssize_t k = start; k < stop; k++) {
         const int32_t *i = p + 5 * k;
         double a = r[i[2]], b = r[i[3]], v;
         switch (i[0]) {
-        case OP_COPY: v = a; break;
+        case OP_COPY: case OP_STOP: v = a; break;
         case OP_ADD: v = a + b; break;
         case OP_SUB: v = a - b; break;
         case OP_MUL: v = a * b; break;
@@ -66,18 +32,15 @@ static void execute(const int32_t *p, double *r, Py_ssize_t start, Py_ssize_t st
         case OP_SQUARE: v = a * a; break;
         case OP_RECIPROCAL: v = 1.0 / a; break;
         case OP_ABS: v = fabs(a); break;
-        case OP_SIGN: v = sign(a); break;
-        case OP_SIGMOID: v = 0.5 * (1.0 + tanh(0.5 * a)); break;
-        case OP_SOFTPLUS: v = softplus(a); break;
+        case OP_SIGN: v = vm_sign(a); break;
+        case OP_SIGMOID: v = vm_sigmoid(a); break;
+        case OP_SOFTPLUS: v = vm_softplus(a); break;
         case OP_LOG1P: v = log1p(a); break;
         case OP_EXPM1: v = expm1(a); break;
-        case OP_POW: v = b == 0.5 ? sqrt(a) : pow(a, b); break;  /* numpy: x ** 0.5 is sqrt */
-        case OP_MAXIMUM: v = maximum(a, b); break;
-        case OP_MINIMUM: v = minimum(a, b); break;
-        case OP_MUL_OR_ZERO:  /* a * b, but 0 * inf (or nan) is 0: the chain rule's zero */
-            v = a * b;
-            if (v != v && (a == 0.0 || b == 0.0)) v = 0.0;
-            break;
+        case OP_POW: v = vm_pow(a, b); break;
+        case OP_MAXIMUM: v = vm_maximum(a, b); break;
+        case OP_MINIMUM: v = vm_minimum(a, b); break;
+        case OP_MUL_OR_ZERO: v = vm_moz(a, b); break;
         case OP_WHERE: v = a != 0.0 ? b : r[i[4]]; break;
         case OP_LT: v = a < b; break;
         case OP_LE: v = a <= b; break;
@@ -109,7 +72,7 @@ static PyObject *run(PyObject *self, PyObject *args) {
     const int32_t *p = (const int32_t *)prog.buf;
     double *r = (double *)regs.buf;
     Py_BEGIN_ALLOW_THREADS
-    execute(p, r, start, stop);
+    vm_execute(p, r, start, stop);
     Py_END_ALLOW_THREADS
     PyBuffer_Release(&prog);
     PyBuffer_Release(&regs);
@@ -119,6 +82,16 @@ static PyObject *run(PyObject *self, PyObject *args) {
 static PyMethodDef methods[] = {
     {"run", run, METH_VARARGS,
      "run(program, registers, start, stop, max_reg): instructions start..stop-1 in place"},
+    {"flatten", vm_flatten, METH_VARARGS,
+     "flatten(inputs, roots, opcodes, float64, bool): the program of a scalar graph or None"},
+    {"activity", vm_activity, METH_VARARGS,
+     "activity(program, n_regs, wrt, targets): (operand flags per instruction, reached)"},
+    {"reverse", vm_reverse, METH_VARARGS,
+     "reverse(program, registers, adjoints, flags, start, stop): the adjoint sweep"},
+    {"whole", vm_whole, METH_VARARGS,
+     "whole(program, flags, template, inputs, value_regs, targets, seeds, wrt, reverse)"},
+    {"tangent", vm_tangent, METH_VARARGS,
+     "tangent(program, registers, tangents, flags, start, stop): the tangent sweep"},
     {NULL, NULL, 0, NULL},
 };
 

@@ -19,10 +19,12 @@ from adsvc.interrupt import CHECK_EVERY, CHECK_SECONDS, Interrupt, interrupting
 from adsvc.ir.graph import Graph
 from adsvc.ir.opdef import OPS
 from adsvc.passes.loop_memory import loop_memory
+from adsvc.passes.pipeline import compile_graph, signature
 from adsvc.passes.specialize import specialize
 from adsvc.runtime import scalar_vm
 from adsvc.runtime.cost import Cost, held_bytes, observe, plan_cost, speed
 from adsvc.runtime.scalar_vm import Program
+from adsvc.runtime.tape import TapePlan, tape_plan
 from adsvc_protocol.dims import bind, symbols_of
 from adsvc_protocol.errors import AdsvcError, EvaluationError, InputError, LimitExceededError
 from adsvc_protocol.feeds import check_feeds
@@ -55,6 +57,8 @@ class Plan:
                         if scalar_vm.eligible(nodes) else None)
         if self.program is None:
             self.steps  # noqa: B018  (built now, under `check`)
+        else:  # steps built later, if ever, are not under this compile's deadline
+            self._check = None
 
     @cached_property
     def template(self) -> list:
@@ -107,6 +111,11 @@ class Plan:
     def seconds(self) -> float:
         """Estimated seconds of one run."""
         return self.cost.seconds
+
+    @property
+    def signature(self) -> tuple[dict, dict]:
+        """({input: (dtype, shape)}, {output: (dtype, shape)}) of its graph."""
+        return signature(self.graph)
 
     def run_values(self, inputs: list) -> list:
         """Evaluate on input values in input order (already checked) and return the output
@@ -266,15 +275,45 @@ class SymbolicPlan:
         """`Plan.run` of the plan at the sizes of `feeds`."""
         return self.bound(feeds).run(feeds, interrupt)
 
+    @property
+    def signature(self) -> tuple[dict, dict]:
+        """({input: (dtype, shape)}, {output: (dtype, shape)}), sizes symbolic."""
+        return signature(self.graph)
 
-def plan_bytes(plan: Plan | SymbolicPlan) -> int:
+
+AnyPlan = Plan | SymbolicPlan | TapePlan
+
+
+def plan_bytes(plan: AnyPlan) -> int:
     """What a compiled plan may hold, for caches bounded by bytes: its graph's nodes,
     plan steps and constants, and for a symbolic one the plans of the sizes it keeps
-    (each rebuilds the graph: counted as one more graph each)."""
+    (each rebuilds the graph: counted as one more graph each); a tape, its arrays and the
+    primal graph it keeps."""
+    if isinstance(plan, TapePlan):
+        return plan.nbytes
     one = held_bytes(plan.graph)
     return one * (1 + plan.keep) if isinstance(plan, SymbolicPlan) else one
+
+
+def plan_nodes(plan: AnyPlan) -> int:
+    """The compiled nodes a plan counts as (node limits, cache weights): its graph's, with
+    sub-graphs; a tape's registers and derivative instructions."""
+    return plan.total_nodes if isinstance(plan, TapePlan) else plan.graph.total_nodes
 
 
 def plan_for(graph: Graph, check=None) -> Plan | SymbolicPlan:
     """A `Plan` of `graph`, or a `SymbolicPlan` when its dimensions are symbolic."""
     return SymbolicPlan(graph) if graph.symbolic else Plan(graph, check)
+
+
+def compile_plan(graph: Graph, modes: tuple[str, ...], wrt, seed: bool, check=None,
+                 eval_bytes: int | None = None) -> AnyPlan:
+    """What clients evaluate for `graph` and `modes` (`pipeline.compile_graph`), planned:
+    a first derivative of a scalar graph as a native tape (`runtime.tape`: no derivative
+    graph is built unless something asks for it), anything else as the plan of the
+    differentiated graph. Errors are those of `compile_graph`."""
+    tape = tape_plan(graph, modes, wrt, seed,
+                     lambda: compile_graph(graph, modes, wrt, seed, None, eval_bytes))
+    if tape is not None:
+        return tape
+    return plan_for(compile_graph(graph, modes, wrt, seed, check, eval_bytes), check)

@@ -27,12 +27,12 @@ except ImportError:  # pragma: no cover - exercised only without a compiler
 
 # op -> opcode of _scalarvm.c (views and identities are copies of their operand)
 OPCODES = {
-    "stop_gradient": 0, "reshape": 0, "broadcast_to": 0, "transpose": 0,
+    "reshape": 0, "broadcast_to": 0, "transpose": 0,
     "add": 1, "sub": 2, "mul": 3, "div": 4, "neg": 5, "exp": 6, "log": 7, "sin": 8,
     "cos": 9, "tan": 10, "tanh": 11, "sqrt": 12, "square": 13, "reciprocal": 14, "abs": 15,
     "sign": 16, "sigmoid": 17, "softplus": 18, "log1p": 19, "expm1": 20, "pow": 21,
     "maximum": 22, "minimum": 23, "mul_or_zero": 24, "where": 25,
-    "lt": 26, "le": 27, "gt": 28, "ge": 29, "eq": 30, "ne": 31,
+    "lt": 26, "le": 27, "gt": 28, "ge": 29, "eq": 30, "ne": 31, "stop_gradient": 32,
 }
 CHUNK = 1 << 16  # instructions between deadline checks (about a millisecond)
 # ADSVC_SCALAR_VM=0 keeps every plan on the numpy interpreter (tests compare the two)
@@ -59,7 +59,7 @@ def eligible(nodes) -> bool:
             continue
         if n.op not in OPCODES or not all(_scalar(i) for i in n.inputs):
             return False
-        if n.dtype == dtypes.BOOL and OPCODES[n.op] < 26:  # a bool from anything but a comparison
+        if n.dtype == dtypes.BOOL and not 26 <= OPCODES[n.op] <= 31:  # bools: comparisons
             return False
     return True
 
@@ -96,10 +96,51 @@ class Program:
         regs = self.template.copy()
         for s, v in zip(self.input_slots, inputs):
             regs[s] = float(v)
-        for start in range(0, self.count, CHUNK):
-            if interrupt is not None:
-                interrupt(steps=start)
-            _scalarvm.run(self.code, regs, start, min(start + CHUNK, self.count),
-                          self.max_reg)
+        run_chunks(self.code, regs, self.count, interrupt)
         return [np.array(regs[s] != 0.0) if b else np.array(regs[s])
                 for s, b in zip(self.output_slots, self.bool_out)]
+
+
+def run_chunks(code: np.ndarray, regs: np.ndarray, count: int, interrupt=None) -> None:
+    """Run the `count` instructions of `code` on `regs` in place, in chunks of CHUNK with
+    `interrupt(steps=k)` (if given; it may raise) between them."""
+    for start in range(0, count, CHUNK):
+        if interrupt is not None:
+            interrupt(steps=start)
+        _scalarvm.run(code, regs, start, min(start + CHUNK, count), len(regs) - 1)
+
+
+def flatten(graph) -> tuple | None:
+    """(program bytes, register template bytes, register count, output registers) of
+    `graph` built by one C walk over its nodes (inputs in registers 0..), or None when
+    the VM cannot run it (see _vmflatten.c)."""
+    if not available():
+        return None
+    return _scalarvm.flatten(tuple(graph.inputs), tuple(n for _, n in graph.outputs),
+                             OPCODES, dtypes.FLOAT64, dtypes.BOOL)
+
+
+def activity(code: np.ndarray, n_regs: int, wrt: list[int], targets: list[int]):
+    """(flags bytes, reached bytes): per instruction, which operands carry derivatives
+    from the `wrt` registers to the `targets`; per wrt register, whether any does."""
+    return _scalarvm.activity(code, n_regs, np.array(wrt or [0], np.int32)[:len(wrt)],
+                              np.array(targets or [0], np.int32)[:len(targets)])
+
+
+def reverse(code, regs, adj, flags, start: int, stop: int) -> None:
+    """The adjoint sweep over instructions stop-1 .. start (adjoints in `adj`, in place)."""
+    _scalarvm.reverse(code, regs, adj, flags, start, stop)
+
+
+def tangent(code, regs, dot, flags, start: int, stop: int) -> None:
+    """The tangent sweep over instructions start .. stop-1 (tangents in `dot`, in place)."""
+    _scalarvm.tangent(code, regs, dot, flags, start, stop)
+
+
+def whole(arrays: tuple, inputs, seeds, backward: bool) -> tuple[list, list]:
+    """(values, derivatives) of a small tape in one C call (see `_vmsweeps.c`: whole);
+    `arrays` = (program, flags, template, value registers, target registers, wrt
+    registers, reached), as `tape.TapePlan` keeps them."""
+    code, flags, template, values, targets, wrt, reached = arrays
+    return _scalarvm.whole(code, flags, template, inputs, values, targets, seeds, wrt,
+                           reached, backward)

@@ -18,7 +18,8 @@ from adsvc.ir.graph import Graph, subgraphs
 from adsvc.ir.node import nodes_created
 from adsvc.passes.pipeline import compile_graph, estimate_nodes, signature
 from adsvc.passes.sparsity import sparsity
-from adsvc.runtime.plan import Plan, SymbolicPlan, plan_bytes, plan_for
+from adsvc.runtime.plan import Plan, SymbolicPlan, plan_bytes, plan_for, plan_nodes
+from adsvc.runtime.tape import TapePlan, tape_plan
 from adsvc.server.config import ServerConfig
 from adsvc.server.metrics import Metrics
 from adsvc.server.store import RedisStore
@@ -60,8 +61,7 @@ class Entry:
 
     handle: str
     spec: Spec
-    graph: Graph
-    plan: Plan
+    plan: Plan | SymbolicPlan | TapePlan
     compile_seconds: float
     inputs: dict = field(default_factory=dict)  # name -> (dtype, shape)
     outputs: dict = field(default_factory=dict)
@@ -70,8 +70,16 @@ class Entry:
     sparsity: dict = field(default_factory=dict)
 
     @property
+    def graph(self) -> Graph:
+        """The compiled graph (a tape's is built on first use: `runtime.tape`)."""
+        return self.plan.graph
+
+    @property
     def nodes_after(self) -> int:
-        """Inputs plus nodes of the compiled graph (CompileStats.nodes_after)."""
+        """Inputs plus nodes of the compiled graph (CompileStats.nodes_after); a tape
+        whose graph was not asked for: its registers and derivative instructions."""
+        if isinstance(self.plan, TapePlan) and not self.plan.graph_built:
+            return plan_nodes(self.plan)
         return self.graph.total_nodes
 
     def proto(self) -> ir_pb2.Graph:
@@ -85,7 +93,7 @@ class Entry:
         """(bytes, nodes) this entry holds in the cache: nodes, plan steps and kernels at
         NODE_BYTES each, plus constants' data and names/labels."""
         extra = sum(s.nbytes for s in self.sparsity.values())
-        return plan_bytes(self.plan) + extra, self.graph.total_nodes
+        return plan_bytes(self.plan) + extra, plan_nodes(self.plan)
 
 
 def spec_from_proto(d: service_pb2.Differentiation, config: ServerConfig,
@@ -200,7 +208,7 @@ class Compiler:
         if isinstance(plan, Plan):
             plan.cost  # noqa: B018  (computed once, with the entry)
         ins, outs = signature(graph)
-        entry = Entry(key, spec, graph, plan, time.perf_counter() - start, ins, outs)
+        entry = Entry(key, spec, plan, time.perf_counter() - start, ins, outs)
         self.cache.put(key, entry, weight=entry.weight)
         return entry
 
@@ -216,21 +224,13 @@ class Compiler:
         if check is not None:
             check()
         start = time.perf_counter()
-        out = compile_graph(graph, spec.modes, spec.wrt, spec.seed,
-                            check=self._growth_check(graph, spec, check),
-                            eval_bytes=self.config.max_eval_bytes)
+        plan = self._plan(graph, spec, check)
         limit = self.config.max_compiled_nodes
-        if limit and out.total_nodes > limit:
-            raise LimitExceededError(f"the compiled graph has {out.total_nodes} nodes; the "
+        if limit and plan_nodes(plan) > limit:
+            raise LimitExceededError(f"the compiled graph has {plan_nodes(plan)} nodes; the "
                                      f"limit is {limit}", field="differentiation")
-        if check is not None:
-            check()
-        check_elements(out, self.config, "compiled graph")
-        plan = plan_for(out, check)
-        if isinstance(plan, Plan):  # symbolic sizes: measured per binding, when it runs
-            plan.measure(check)  # once, with the entry, not on every evaluation
-        ins, outs = signature(out)
-        entry = Entry(key, spec, out, plan, time.perf_counter() - start, ins, outs)
+        ins, outs = plan.signature
+        entry = Entry(key, spec, plan, time.perf_counter() - start, ins, outs)
         if check is not None:
             check()  # finished after the deadline or a cancel: neither answer nor cache it
         self.cache.put(key, entry, weight=entry.weight)
@@ -257,6 +257,30 @@ class Compiler:
             entry.sparsity[key] = found
             self.cache.put(entry.handle, entry, weight=entry.weight)
         return entry, found
+
+    def _plan(self, graph: Graph, spec: Spec, check) -> Plan | SymbolicPlan | TapePlan:
+        """`graph` compiled for `spec` and planned: a first derivative of a scalar graph as
+        a native tape (its graph built only if asked for: the Differentiate RPC, the
+        store), anything else differentiated under the node and element limits."""
+        eval_bytes = self.config.max_eval_bytes
+        tape = tape_plan(graph, spec.modes, spec.wrt, spec.seed, lambda: compile_graph(
+            graph, spec.modes, spec.wrt, spec.seed, eval_bytes=eval_bytes))
+        if tape is not None:
+            return tape
+        out = compile_graph(graph, spec.modes, spec.wrt, spec.seed,
+                            check=self._growth_check(graph, spec, check),
+                            eval_bytes=eval_bytes)
+        limit = self.config.max_compiled_nodes
+        if limit and out.total_nodes > limit:
+            raise LimitExceededError(f"the compiled graph has {out.total_nodes} nodes; the "
+                                     f"limit is {limit}", field="differentiation")
+        if check is not None:
+            check()
+        check_elements(out, self.config, "compiled graph")
+        plan = plan_for(out, check)
+        if isinstance(plan, Plan):  # symbolic sizes: measured per binding, when it runs
+            plan.measure(check)  # once, with the entry, not on every evaluation
+        return plan
 
     def _growth_check(self, graph: Graph, spec: Spec, check):
         """Refuse a compile whose estimated size is over max_compiled_nodes before it
@@ -395,7 +419,8 @@ class Backend:
             entry, _ = self.compiler.compile(source, Spec(modes, wrt, seed), self.check)
         self.compiler.runnable(entry)
         self.entry = entry
-        return Compiled(entry, entry.inputs, entry.outputs, entry.graph)
+        graph = (lambda: entry.graph) if isinstance(entry.plan, TapePlan) else entry.graph
+        return Compiled(entry, entry.inputs, entry.outputs, graph)  # a tape's: built if asked
 
     def run(self, compiled: Compiled, feeds) -> dict[str, np.ndarray]:
         """{output name: value} of the compiled entry at `feeds` (a graph with symbolic

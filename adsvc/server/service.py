@@ -368,6 +368,7 @@ class AutodiffServicer(service_pb2_grpc.AutodiffServiceServicer):
             raise InvalidRequestError("graph is required", field="graph")
         spec = spec_from_proto(request.differentiation, self.config)
         entry, hit = self.compiler.compile(request.graph, spec, call.stop_if_done)
+        graph = None if request.omit_graph else entry.proto()  # (a tape's: built now)
         call.detail = f" cache={'hit' if hit else 'miss'} nodes={entry.nodes_after}"
         resp = service_pb2.DifferentiateResponse(
             handle=entry.handle,
@@ -379,8 +380,8 @@ class AutodiffServicer(service_pb2_grpc.AutodiffServiceServicer):
             resp.inputs.add(name=name).type.CopyFrom(_type(dt, shape))
         for name, (dt, shape) in entry.outputs.items():
             resp.outputs.add(name=name).type.CopyFrom(_type(dt, shape))
-        if not request.omit_graph:
-            resp.graph.CopyFrom(entry.proto())
+        if graph is not None:
+            resp.graph.CopyFrom(graph)
         self._limit_response(resp)
         return resp
 

@@ -35,9 +35,24 @@ class Compiled:
     handle: Any
     inputs: dict[str, TypeSig]
     outputs: dict[str, TypeSig]
-    graph: Any = None  # the differentiated graph, in the backend's representation
+    # the differentiated graph, in the backend's representation, or a function that
+    # builds it on first use (a backend that evaluates without it: a native tape)
+    graph_source: Any = None
     # {(kind, wrt): Sparsity} computed for this (undifferentiated) graph, kept with it
     sparsity: dict = field(default_factory=dict)
+    # what recipes work out from the signature once (the output names they pick)
+    memo: dict = field(default_factory=dict)
+
+    @property
+    def graph(self) -> Any:
+        """The differentiated graph (built now if the backend deferred it)."""
+        if callable(self.graph_source):
+            self.graph_source = self.graph_source()
+        return self.graph_source
+
+    @graph.setter
+    def graph(self, value: Any) -> None:
+        self.graph_source = value
 
 
 class Backend(Protocol):
@@ -157,9 +172,13 @@ def value_and_grad(b: Backend, g, wrt, mode: str, feeds: Feeds):
     the output's name is `scalar_output(compiled.outputs)`."""
     if single_mode(mode) == REVERSE:
         c = b.compile(g, (REVERSE,), wrt_tuple(wrt), True)
-        out = ordered(b.run(c, feeds), c.outputs)
-        name = scalar_output(c.outputs)
-        return out[name], {x: out[names.grad(x)] for x in names.bases(out, names.GRAD)}
+        out = b.run(c, feeds)
+        picked = c.memo.get("value_and_grad")
+        if picked is None:  # (the value's name, [(wrt input, its gradient's name)])
+            picked = c.memo["value_and_grad"] = (scalar_output(c.outputs), [
+                (x, names.grad(x)) for x in names.bases(c.outputs, names.GRAD)])
+        name, grads = picked
+        return out[name], {x: out[k] for x, k in grads}
     c = bound(b.compile(g, (FORWARD,), wrt_tuple(wrt), False), feeds)
     name = scalar_output(c.outputs)
     xs = names.bases(c.inputs, names.TANGENT)

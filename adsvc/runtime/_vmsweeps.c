@@ -1,0 +1,297 @@
+/* Derivative sweeps over a scalar program (adsvc/runtime/tape.py): the gradient or JVP
+ * of a scalar graph without building its derivative graph.
+ *
+ * activity: which operands of which instructions carry derivatives, the activity
+ *     analysis of adsvc/passes/activity.py on the program: a register is active when it
+ *     depends on a wrt register through differentiable operands and a target depends on
+ *     it. flags[k] bit j: operand j of instruction k is active (0: the instruction is
+ *     not differentiated at all).
+ * reverse: the adjoint sweep, instructions in reverse order; adjoints start at -0.0, so
+ *     the first contribution is stored exactly (-0.0 + x == x), as in the derivative
+ *     graph, where the first contribution is the cotangent and later ones are added.
+ * tangent: the tangent sweep, after the values are computed; each active instruction's
+ *     tangent is the sum of its active operands' terms, again from -0.0.
+ *
+ * Both follow the op table's JVP/VJP rules term by term (adsvc/ops/elementwise.py):
+ * the same local derivatives, computed from the same values, and every chain-rule
+ * product a mul_or_zero (0 where the cotangent or tangent is 0, even against inf).
+ * Only the order in which several contributions to one adjoint are added may differ
+ * from the derivative graph's (rounding).
+ */
+#include "_scalarvm.h"
+
+PyObject *vm_activity(PyObject *self, PyObject *args) {
+    Py_buffer prog, wrt, targets;
+    Py_ssize_t n_regs;
+    if (!PyArg_ParseTuple(args, "y*ny*y*", &prog, &n_regs, &wrt, &targets)) return NULL;
+    Py_ssize_t n = prog.len / (Py_ssize_t)(5 * sizeof(int32_t));
+    Py_ssize_t n_wrt = wrt.len / (Py_ssize_t)sizeof(int32_t);
+    Py_ssize_t n_targets = targets.len / (Py_ssize_t)sizeof(int32_t);
+    const int32_t *p = (const int32_t *)prog.buf, *w = (const int32_t *)wrt.buf;
+    const int32_t *t = (const int32_t *)targets.buf;
+    PyObject *flags = PyBytes_FromStringAndSize(NULL, n > 0 ? n : 1);
+    PyObject *reached = PyBytes_FromStringAndSize(NULL, n_wrt > 0 ? n_wrt : 1);
+    unsigned char *dep = calloc(n_regs > 0 ? n_regs : 1, 2);
+    const char *bad = NULL;
+    if (flags == NULL || reached == NULL || dep == NULL) goto fail;
+    unsigned char *use = dep + n_regs, *f = (unsigned char *)PyBytes_AS_STRING(flags);
+    for (Py_ssize_t k = 0; k < n_wrt && !bad; k++) {
+        if (w[k] < 0 || w[k] >= n_regs) bad = "a wrt register is out of range";
+        else dep[w[k]] = 1;
+    }
+    for (Py_ssize_t k = 0; k < n && !bad; k++) {  /* depends on wrt */
+        const int32_t *i = p + 5 * k;
+        if (i[0] < 0 || i[0] >= OP_COUNT) { bad = "an opcode is out of range"; break; }
+        for (int j = 1; j < 5; j++)
+            if (i[j] < 0 || i[j] >= n_regs) bad = "a register is out of range";
+        if (bad) break;
+        unsigned char d = 0, diff = DIFFERENTIABLE[i[0]];
+        for (int j = 0; j < ARITY[i[0]]; j++)
+            if (diff & (1 << j)) d |= dep[i[2 + j]];
+        dep[i[1]] = d;
+    }
+    for (Py_ssize_t k = 0; k < n_targets && !bad; k++) {
+        if (t[k] < 0 || t[k] >= n_regs) bad = "a target register is out of range";
+        else if (dep[t[k]]) use[t[k]] = 1;
+    }
+    for (Py_ssize_t k = n - 1; k >= 0 && !bad; k--) {  /* and reaches a target */
+        const int32_t *i = p + 5 * k;
+        unsigned char bits = 0, diff = DIFFERENTIABLE[i[0]];
+        if (use[i[1]]) {
+            for (int j = 0; j < ARITY[i[0]]; j++) {
+                int32_t o = i[2 + j];
+                if ((diff & (1 << j)) && dep[o]) { bits |= 1 << j; use[o] = 1; }
+            }
+        }
+        f[k] = bits;
+    }
+    if (bad) { PyErr_SetString(PyExc_ValueError, bad); goto fail; }
+    for (Py_ssize_t k = 0; k < n_wrt; k++) PyBytes_AS_STRING(reached)[k] = use[w[k]];
+    free(dep);
+    PyBuffer_Release(&prog); PyBuffer_Release(&wrt); PyBuffer_Release(&targets);
+    return Py_BuildValue("(NN)", flags, reached);
+fail:
+    free(dep);
+    Py_XDECREF(flags); Py_XDECREF(reached);
+    PyBuffer_Release(&prog); PyBuffer_Release(&wrt); PyBuffer_Release(&targets);
+    return dep == NULL && !PyErr_Occurred() ? PyErr_NoMemory() : NULL;
+}
+
+static void reverse(const int32_t *p, const double *r, double *adj, const unsigned char *fl,
+                    Py_ssize_t start, Py_ssize_t stop) {
+    for (Py_ssize_t k = stop - 1; k >= start; k--) {
+        unsigned char f = fl[k];
+        if (!f) continue;
+        const int32_t *i = p + 5 * k;
+        int32_t a = i[2], b = i[3], c = i[4];
+        double g = adj[i[1]], x = r[a], y = r[b], v = r[i[1]], w;
+        switch (i[0]) {
+        case OP_COPY: adj[a] += g; break;
+        case OP_ADD: if (f & 1) adj[a] += g; if (f & 2) adj[b] += g; break;
+        case OP_SUB: if (f & 1) adj[a] += g; if (f & 2) adj[b] += -g; break;
+        case OP_MUL: case OP_MUL_OR_ZERO:
+            if (f & 1) adj[a] += vm_moz(g, y);
+            if (f & 2) adj[b] += vm_moz(g, x);
+            break;
+        case OP_DIV:
+            if (f & 1) adj[a] += vm_moz(g, 1.0 / y);
+            if (f & 2) adj[b] += vm_moz(g, -(v / y));
+            break;
+        case OP_NEG: adj[a] += -g; break;
+        case OP_EXP: adj[a] += vm_moz(g, v); break;
+        case OP_LOG: adj[a] += vm_moz(g, 1.0 / x); break;
+        case OP_SIN: adj[a] += vm_moz(g, cos(x)); break;
+        case OP_COS: adj[a] += vm_moz(g, -sin(x)); break;
+        case OP_TAN: adj[a] += vm_moz(g, v * v + 1.0); break;
+        case OP_TANH: adj[a] += vm_moz(g, 1.0 - v * v); break;
+        case OP_SQRT: adj[a] += vm_moz(g, 0.5 / v); break;
+        case OP_SQUARE: adj[a] += vm_moz(g, x * 2.0); break;
+        case OP_RECIPROCAL: adj[a] += vm_moz(g, -(v * v)); break;
+        case OP_ABS: adj[a] += vm_moz(g, vm_sign(x)); break;
+        case OP_SIGMOID: adj[a] += vm_moz(g, v * (1.0 - v)); break;
+        case OP_SOFTPLUS: adj[a] += vm_moz(g, vm_sigmoid(x)); break;
+        case OP_LOG1P: adj[a] += vm_moz(g, 1.0 / (x + 1.0)); break;
+        case OP_EXPM1: adj[a] += vm_moz(g, v + 1.0); break;
+        case OP_POW:
+            if (f & 1) adj[a] += vm_moz(g, vm_moz(y, vm_pow(x, y - 1.0)));
+            if (f & 2) adj[b] += vm_moz(g, x == 0.0 ? 0.0 : vm_moz(v, log(x)));
+            break;
+        case OP_MAXIMUM: case OP_MINIMUM:
+            w = (i[0] == OP_MAXIMUM ? x > y : x < y) ? 1.0 : (x == y ? 0.5 : 0.0);
+            if (f & 1) adj[a] += vm_moz(g, w);
+            if (f & 2) adj[b] += vm_moz(g, 1.0 - w);
+            break;
+        case OP_WHERE:
+            if (f & 2) adj[b] += x != 0.0 ? g : 0.0;
+            if (f & 4) adj[c] += x != 0.0 ? 0.0 : g;
+            break;
+        default: break;  /* no derivative (flags are 0 there) */
+        }
+    }
+}
+
+static void tangent(const int32_t *p, const double *r, double *dot, const unsigned char *fl,
+                    Py_ssize_t start, Py_ssize_t stop) {
+    for (Py_ssize_t k = start; k < stop; k++) {
+        unsigned char f = fl[k];
+        if (!f) continue;
+        const int32_t *i = p + 5 * k;
+        double ta = dot[i[2]], tb = dot[i[3]], x = r[i[2]], y = r[i[3]], v = r[i[1]];
+        double t = -0.0, w;
+        switch (i[0]) {
+        case OP_COPY: t = ta; break;
+        case OP_ADD: if (f & 1) t += ta; if (f & 2) t += tb; break;
+        case OP_SUB: if (f & 1) t += ta; if (f & 2) t += -tb; break;
+        case OP_MUL: case OP_MUL_OR_ZERO:
+            if (f & 1) t += vm_moz(ta, y);
+            if (f & 2) t += vm_moz(tb, x);
+            break;
+        case OP_DIV:
+            if (f & 1) t += vm_moz(ta, 1.0 / y);
+            if (f & 2) t += vm_moz(tb, -(v / y));
+            break;
+        case OP_NEG: t = -ta; break;
+        case OP_EXP: t = vm_moz(ta, v); break;
+        case OP_LOG: t = vm_moz(ta, 1.0 / x); break;
+        case OP_SIN: t = vm_moz(ta, cos(x)); break;
+        case OP_COS: t = vm_moz(ta, -sin(x)); break;
+        case OP_TAN: t = vm_moz(ta, v * v + 1.0); break;
+        case OP_TANH: t = vm_moz(ta, 1.0 - v * v); break;
+        case OP_SQRT: t = vm_moz(ta, 0.5 / v); break;
+        case OP_SQUARE: t = vm_moz(ta, x * 2.0); break;
+        case OP_RECIPROCAL: t = vm_moz(ta, -(v * v)); break;
+        case OP_ABS: t = vm_moz(ta, vm_sign(x)); break;
+        case OP_SIGMOID: t = vm_moz(ta, v * (1.0 - v)); break;
+        case OP_SOFTPLUS: t = vm_moz(ta, vm_sigmoid(x)); break;
+        case OP_LOG1P: t = vm_moz(ta, 1.0 / (x + 1.0)); break;
+        case OP_EXPM1: t = vm_moz(ta, v + 1.0); break;
+        case OP_POW:
+            if (f & 1) t += vm_moz(ta, vm_moz(y, vm_pow(x, y - 1.0)));
+            if (f & 2) t += vm_moz(tb, x == 0.0 ? 0.0 : vm_moz(v, log(x)));
+            break;
+        case OP_MAXIMUM: case OP_MINIMUM:
+            w = (i[0] == OP_MAXIMUM ? x > y : x < y) ? 1.0 : (x == y ? 0.5 : 0.0);
+            if (f & 1) t += vm_moz(ta, w);
+            if (f & 2) t += vm_moz(tb, 1.0 - w);
+            break;
+        case OP_WHERE:  /* where(c, ta, tb), an inactive side's tangent 0 */
+            t = x != 0.0 ? ((f & 2) ? tb : 0.0) : ((f & 4) ? dot[i[4]] : 0.0);
+            break;
+        default: break;
+        }
+        dot[i[1]] = t;
+    }
+}
+
+/* (program, registers, derivative registers, flags, start, stop): the checks shared by
+   both sweeps; the program itself was checked by `activity` when its flags were made */
+static int sweep_args(PyObject *args, Py_buffer *bufs, Py_ssize_t *start, Py_ssize_t *stop) {
+    if (!PyArg_ParseTuple(args, "y*y*w*y*nn", &bufs[0], &bufs[1], &bufs[2], &bufs[3],
+                          start, stop))
+        return 0;
+    Py_ssize_t n = bufs[0].len / (Py_ssize_t)(5 * sizeof(int32_t));
+    if (*start < 0 || *stop > n || *start > *stop || bufs[3].len != (n > 0 ? n : 1) ||
+        bufs[1].len != bufs[2].len) {
+        for (int j = 0; j < 4; j++) PyBuffer_Release(&bufs[j]);
+        PyErr_SetString(PyExc_ValueError, "the buffers or the range do not fit the program");
+        return 0;
+    }
+    return 1;
+}
+
+static PyObject *run_sweep(PyObject *args, int backward) {
+    Py_buffer b[4];
+    Py_ssize_t start, stop;
+    if (!sweep_args(args, b, &start, &stop)) return NULL;
+    const int32_t *p = (const int32_t *)b[0].buf;
+    Py_BEGIN_ALLOW_THREADS
+    if (backward)
+        reverse(p, (const double *)b[1].buf, (double *)b[2].buf, b[3].buf, start, stop);
+    else
+        tangent(p, (const double *)b[1].buf, (double *)b[2].buf, b[3].buf, start, stop);
+    Py_END_ALLOW_THREADS
+    for (int j = 0; j < 4; j++) PyBuffer_Release(&b[j]);
+    Py_RETURN_NONE;
+}
+
+PyObject *vm_reverse(PyObject *self, PyObject *args) { return run_sweep(args, 1); }
+
+PyObject *vm_tangent(PyObject *self, PyObject *args) { return run_sweep(args, 0); }
+
+/* whole(program, flags, template, inputs, value_regs, targets, seeds, wrt, reached,
+         reverse):
+   a small tape's whole run in one call — values, then the adjoint (or tangent) sweep —
+   with no deadline checks in between (tape.py calls it for programs of at most one
+   chunk). `inputs`: the primal inputs' values (registers 0..); `seeds`: a cotangent per
+   target (reverse) or a tangent per wrt register (forward); `reached`: per wrt register,
+   whether any derivative reaches it (else its gradient is +0.0, as the derivative
+   graph's zeros). Returns (values at value_regs, derivatives: per wrt register (reverse)
+   or per target (forward)). The
+   registers were checked by `activity`; here only that the buffers fit. */
+static int as_doubles(PyObject *seq, double *out, Py_ssize_t n) {
+    for (Py_ssize_t k = 0; k < n; k++) {
+        out[k] = PyFloat_AsDouble(PySequence_Fast_GET_ITEM(seq, k));
+        if (out[k] == -1.0 && PyErr_Occurred()) return 0;
+    }
+    return 1;
+}
+
+static PyObject *float_list(const double *r, const int32_t *regs, Py_ssize_t n,
+                            const unsigned char *keep) {
+    PyObject *out = PyList_New(n);
+    for (Py_ssize_t k = 0; out != NULL && k < n; k++) {
+        PyObject *v = PyFloat_FromDouble(keep == NULL || keep[k] ? r[regs[k]] : 0.0);
+        if (v == NULL) { Py_CLEAR(out); break; }
+        PyList_SET_ITEM(out, k, v);
+    }
+    return out;
+}
+
+PyObject *vm_whole(PyObject *self, PyObject *args) {
+    Py_buffer b[7];  /* program, flags, template, value_regs, targets, wrt, reached */
+    PyObject *inputs, *seeds, *ret = NULL;
+    int backward;
+    if (!PyArg_ParseTuple(args, "y*y*y*Oy*y*Oy*y*p", &b[0], &b[1], &b[2], &inputs, &b[3],
+                          &b[4], &seeds, &b[5], &b[6], &backward))
+        return NULL;
+    Py_ssize_t n = b[0].len / (Py_ssize_t)(5 * sizeof(int32_t));
+    Py_ssize_t n_regs = b[2].len / (Py_ssize_t)sizeof(double);
+    Py_ssize_t n_val = b[3].len / 4, n_t = b[4].len / 4, n_w = b[5].len / 4;
+    PyObject *in = PySequence_Fast(inputs, "inputs must be a sequence");
+    PyObject *sd = PySequence_Fast(seeds, "seeds must be a sequence");
+    double *r = malloc(2 * (n_regs > 0 ? n_regs : 1) * sizeof(double));
+    if (in == NULL || sd == NULL || r == NULL) goto done;
+    Py_ssize_t n_in = PySequence_Fast_GET_SIZE(in), n_seed = PySequence_Fast_GET_SIZE(sd);
+    const int32_t *p = b[0].buf, *vr = b[3].buf, *tr = b[4].buf, *wr = b[5].buf;
+    if (b[1].len != (n > 0 ? n : 1) || n_in > n_regs || n_seed != (backward ? n_t : n_w) ||
+        b[6].len < n_w) {
+        PyErr_SetString(PyExc_ValueError, "the buffers do not fit the program");
+        goto done;
+    }
+    double *d = r + n_regs, *seed = malloc((n_seed > 0 ? n_seed : 1) * sizeof(double));
+    if (seed == NULL) { PyErr_NoMemory(); goto done; }
+    memcpy(r, b[2].buf, n_regs * sizeof(double));
+    if (!as_doubles(in, r, n_in) || !as_doubles(sd, seed, n_seed)) { free(seed); goto done; }
+    vm_execute(p, r, 0, n);
+    for (Py_ssize_t k = 0; k < n_regs; k++) d[k] = backward ? -0.0 : 0.0;
+    if (backward) {
+        for (Py_ssize_t k = 0; k < n_t; k++) d[tr[k]] += seed[k];
+        reverse(p, r, d, b[1].buf, 0, n);
+    } else {
+        for (Py_ssize_t k = 0; k < n_w; k++) d[wr[k]] = seed[k];
+        tangent(p, r, d, b[1].buf, 0, n);
+    }
+    free(seed);
+    PyObject *vals = float_list(r, vr, n_val, NULL);
+    PyObject *ders = backward ? float_list(d, wr, n_w, b[6].buf) : float_list(d, tr, n_t, NULL);
+    if (vals != NULL && ders != NULL) ret = PyTuple_Pack(2, vals, ders);
+    Py_XDECREF(vals);
+    Py_XDECREF(ders);
+done:
+    if (r == NULL && !PyErr_Occurred()) PyErr_NoMemory();
+    free(r);
+    Py_XDECREF(in);
+    Py_XDECREF(sd);
+    for (int j = 0; j < 7; j++) PyBuffer_Release(&b[j]);
+    return ret;
+}
