@@ -235,15 +235,26 @@ def _pad_infer(ins, attrs):
     return x.dtype, shape
 
 
+def _pad_index(x, low, interior) -> tuple:
+    """Where the operand `x` lands in its padded result (one slice per axis)."""
+    return tuple(builtins.slice(lo, lo + (d - 1) * (i + 1) + 1 if d else lo, i + 1)
+                 for lo, i, d in zip(low, interior, x.shape))
+
+
+def pad_index(node) -> tuple:
+    """The same for a pad node (its operand's shape and its attributes)."""
+    x = node.inputs[0]
+    low, _, interior = _pad_params(x, dict(node.attrs))
+    return _pad_index(x, low, interior)
+
+
 def _pad_kernel(attrs):
     def bind(x):
         low, high, interior = _pad_params(x, attrs)
         shape = tuple(lo + hi + (d + (d - 1) * i if d else 0)
                       for lo, hi, i, d in zip(low, high, interior, x.shape))
         out = np.zeros(shape, dtype=x.dtype)
-        idx = tuple(builtins.slice(lo, lo + (d - 1) * (i + 1) + 1 if d else lo, i + 1)
-                    for lo, i, d in zip(low, interior, x.shape))
-        out[idx] = x
+        out[_pad_index(x, low, interior)] = x
         return out
     return bind
 

@@ -22,7 +22,9 @@ from adsvc.passes.loop_memory import loop_memory
 from adsvc.passes.pipeline import compile_graph, signature
 from adsvc.passes.specialize import specialize
 from adsvc.runtime import scalar_vm
+from adsvc.runtime.buffers import BufferPool, out_key
 from adsvc.runtime.cost import Cost, held_bytes, observe, plan_cost, speed
+from adsvc.runtime.fusion import fuse, fuse_pad_sums
 from adsvc.runtime.scalar_vm import Program
 from adsvc.runtime.tape import TapePlan, tape_plan
 from adsvc_protocol.dims import bind, symbols_of
@@ -79,6 +81,8 @@ class Plan:
             if n.op not in ("constant", "input"):
                 fn = OPS[n.op].kernel(self._kernel_attrs(n, check))
                 steps.append((fn, tuple(slot[id(i)] for i in n.inputs), slot[id(n)], n))
+        steps = fuse_pad_sums(fuse(steps, self.graph.nodes, self._keep), self.graph.nodes,
+                              self._keep)  # elementwise chains: one pass each
         last: dict[int, int] = {}
         for k, (_, ins, _, _) in enumerate(steps):
             for s in ins:
@@ -88,7 +92,16 @@ class Plan:
             if s not in self._keep:
                 frees[k].append(s)
         self._check = None  # a checker belongs to the compile that made the plan
+        self._reuse(steps)
         return [(fn, ins, out, tuple(fr), n) for (fn, ins, out, n), fr in zip(steps, frees)]
+
+    def _reuse(self, steps) -> None:
+        """Which steps may write into a freed buffer (`buffers.out_key`) and which freed
+        slots hold buffers such a step can take."""
+        keys = [out_key(fn, n) for fn, _, _, n in steps]
+        wanted = set(keys) - {None}
+        self._out_keys = keys if wanted else None
+        self._pool_keys = {out: k for (_, _, out, _), k in zip(steps, keys) if k in wanted}
 
     def _kernel_attrs(self, node, check) -> dict:
         """The node's attributes for its kernel: each sub-graph as its plan."""
@@ -192,6 +205,7 @@ class Plan:
             vals[s] = arr
         estimate = self.cost.steps if interrupt is not None else ()
         since, scale, timed = 0.0, speed(), 0.0
+        keys, pooled, pool = self._out_keys, self._pool_keys, BufferPool()
         with np.errstate(all="ignore"), interrupting(interrupt):
             for k, (fn, ins, out, frees, node) in enumerate(self.steps):
                 if interrupt is not None:
@@ -202,7 +216,9 @@ class Plan:
                     since += secs
                     timed = time.perf_counter() if estimate[k] >= CHECK_SECONDS else 0.0
                 try:
-                    vals[out] = fn(*[vals[i] for i in ins])
+                    buf = pool.take(keys[k]) if keys is not None and keys[k] else None
+                    vals[out] = fn(*[vals[i] for i in ins]) if buf is None else \
+                        fn(*[vals[i] for i in ins], out=buf)
                     if timed:  # an expensive step: how fast is the machine right now?
                         scale = observe(estimate[k], time.perf_counter() - timed)
                 except AdsvcError as e:  # a deadline inside a loop, a loop's own error
@@ -220,7 +236,10 @@ class Plan:
                         f"op {node.op!r} failed: {e}", field=f"nodes[id={out}]"
                     ) from None
                 for s in frees:
-                    vals[s] = None
+                    if s in pooled:
+                        pool.give(pooled[s], vals, s)  # (frees it)
+                    else:
+                        vals[s] = None
         return {name: _owned(vals[s], s in self._input_slot_set) for name, s in self.outputs}
 
 

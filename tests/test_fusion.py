@@ -1,0 +1,144 @@
+"""Fused elementwise chains (adsvc/runtime/fusion.py) and reused buffers
+(adsvc/runtime/buffers.py) change no number: plans with them equal plans without them
+exactly (NaN, ±inf and the zero rule of mul_or_zero included; see `_identical` on the
+sign of zeros), on random
+elementwise graphs and their derivatives, on the slice cotangents fused by
+`fuse_pad_sums`; a reused buffer is never one something else can still see (views,
+outputs the caller keeps and modifies, inputs); graphs stay correct against finite
+differences."""
+
+from __future__ import annotations
+
+import importlib
+
+import numpy as np
+import pytest
+from derivcheck import check_first_order
+
+import adsvc as ad
+from adsvc.passes.pipeline import compile_graph
+from adsvc.runtime import fusion
+from adsvc.runtime.fusion import FusedKernel, PadSum
+from adsvc.runtime.plan import Plan
+
+plan_module = importlib.import_module("adsvc.runtime.plan")
+N = 1 << 16  # above fusion.MIN_ELEMENTS and buffers.MIN_BYTES
+pytestmark = pytest.mark.skipif(fusion.numexpr is None, reason="numexpr is not installed")
+
+
+def _plain(graph, monkeypatch) -> Plan:
+    """The plan of `graph` with neither fusion nor buffer reuse."""
+    with monkeypatch.context() as m:
+        m.setattr(plan_module, "fuse", lambda steps, nodes, keep: steps)
+        m.setattr(plan_module, "fuse_pad_sums", lambda steps, nodes, keep: steps)
+        m.setattr(plan_module, "out_key", lambda fn, node: None)
+        p = Plan(graph)
+        p.steps  # noqa: B018  (built while patched)
+    return p
+
+
+def _identical(a, b, what=""):
+    """Same shape, dtype, NaN positions and values elsewhere, exactly. (The sign of a
+    zero may differ where mul_or_zero's zero rule applies: its numpy kernel rewrites
+    every zero-factor product to +0.0 once any element of the array is NaN; the fused
+    form, like the scalar VM, decides per element.)"""
+    a, b = np.asarray(a).reshape(-1), np.asarray(b).reshape(-1)
+    assert a.shape == b.shape and a.dtype == b.dtype, what
+    assert np.array_equal(a, b, equal_nan=a.dtype.kind == "f"), what
+
+
+def _awkward(rng, n):
+    x = rng.standard_normal(n)
+    special = np.array([0.0, -0.0, np.inf, -np.inf, np.nan, 1e308, -1e-308, 1.0])
+    x[rng.integers(0, n, 200)] = rng.choice(special, 200)
+    return x
+
+
+def _random_fn(seed):
+    rng = np.random.default_rng(seed)
+    ops = [lambda a, b: a + b, lambda a, b: a - b, lambda a, b: a * b, lambda a, b: a / b,
+           lambda a, b: -a, lambda a, b: ad.square(a), lambda a, b: ad.reciprocal(a),
+           lambda a, b: ad.abs(a), lambda a, b: ad.sqrt(ad.abs(a)),
+           lambda a, b: ad.where(a > b, a, b * 2.0), lambda a, b: ad.mul_or_zero(a, b),
+           lambda a, b: ad.sin(a) * b]
+    picks = [(int(rng.integers(len(ops))), int(rng.integers(0, 100)), int(rng.integers(0, 100)))
+             for _ in range(int(rng.integers(4, 25)))]
+
+    def fn(x, y):
+        vals = [x, y]
+        for op, i, j in picks:
+            vals.append(ops[op](vals[i % len(vals)], vals[j % len(vals)]))
+        return {"out": ad.sum(vals[-1] * vals[-2]), "last": vals[-1]}
+    return fn
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_fused_plans_equal_unfused_plans_exactly(seed, monkeypatch):
+    g = ad.trace(_random_fn(seed), x=ad.f64(N), y=ad.f64(N))
+    rng = np.random.default_rng(100 + seed)
+    feeds = {"x": _awkward(rng, N), "y": _awkward(rng, N)}
+    for graph in (g, compile_graph(g, ("reverse",), None, False)):
+        full = {**feeds, **{k: _awkward(rng, N) if s else rng.standard_normal()
+                            for k, (_, s) in Plan(graph).inputs.items() if k not in feeds}}
+        fused, plain = Plan(graph), _plain(graph, monkeypatch)
+        for _ in range(2):  # the second run reuses buffers the first one freed
+            got, want = fused.run(full), plain.run(full)
+            for k in want:
+                _identical(got[k], want[k], f"seed {seed} output {k}")
+
+
+def test_rosenbrock_gradient_fuses_and_is_exact(monkeypatch):
+    def rosen(x):
+        return ad.sum(100.0 * (x[1:] - x[:-1] ** 2) ** 2 + (1.0 - x[:-1]) ** 2)
+    g = ad.trace(rosen, x=ad.f64(N))
+    d = compile_graph(g, ("reverse",), None, True)
+    p = Plan(d)
+    kinds = [type(fn) for fn, *_ in p.steps]
+    assert FusedKernel in kinds and PadSum in kinds
+    assert len(p.steps) < len(_plain(d, monkeypatch).steps) - 5
+    x = _awkward(np.random.default_rng(3), N)
+    for k, v in _plain(d, monkeypatch).run({"x": x}).items():
+        _identical(p.run({"x": x})[k], v, k)
+    x = np.random.default_rng(4).standard_normal(N)  # against scipy's hand-written rule
+    from scipy.optimize import rosen_der
+    np.testing.assert_allclose(p.run({"x": x})["grad:x"], rosen_der(x), rtol=1e-13,
+                               atol=1e-12)
+
+
+def test_reused_buffers_are_never_visible_elsewhere():
+    def fn(x):
+        a = x * 2.0 + 1.0
+        b = ad.reshape(a, (N // 2, 2))  # a view of a, an output: a must not be reused
+        c = (x - 3.0) * (x + 3.0)
+        return {"b": b, "c": c, "d": ad.sum(c * c), "e": x * 1.0 + 0.0}
+    g = ad.trace(fn, x=ad.f64(N))
+    p = Plan(g)
+    x = np.random.default_rng(5).standard_normal(N)
+    x_before = x.copy()
+    first = p.run({"x": x})
+    keep = {k: v.copy() for k, v in first.items()}
+    first["c"][:] = 7.0  # the caller owns its outputs
+    second = p.run({"x": x})
+    for k in keep:
+        _identical(second[k], keep[k], k)
+    _identical(x, x_before, "the input")
+    assert all(second[k] is not first[k] for k in first)
+    assert not np.shares_memory(second["b"], first["b"])
+
+
+def test_without_numexpr_nothing_is_fused(monkeypatch):
+    monkeypatch.setattr(fusion, "numexpr", None)
+    g = ad.trace(lambda x: ad.sum((x * 2.0 + 1.0) * x), x=ad.f64(N))
+    p = Plan(g)
+    assert not any(isinstance(fn, FusedKernel) for fn, *_ in p.steps)
+    x = np.arange(N, dtype=float)
+    assert float(p.run({"x": x})["out"]) == float(np.sum((x * 2.0 + 1.0) * x))
+
+
+def test_fused_graphs_against_finite_differences():
+    c = ad.local()
+    rng = np.random.default_rng(9)
+    g = ad.trace(lambda x, y: ad.sum(ad.where(x > 0.0, x * y, -y) / (1.0 + x * x)),
+                 x=ad.f64(N), y=ad.f64(N))
+    feeds = {"x": rng.standard_normal(N), "y": rng.standard_normal(N)}
+    check_first_order(c, g, feeds, rng)
