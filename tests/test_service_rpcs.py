@@ -3,6 +3,7 @@ the SDK (adsvc.connect) agreeing with the local client."""
 
 from pathlib import Path
 
+import time
 import grpc
 import numpy as np
 import pytest
@@ -272,3 +273,24 @@ def test_server_info_and_op_docs_agree_on_derivatives(rpc):
     assert documented["exp"] == "yes" and documented["cast"] == "yes"
     assert documented["sign"] == documented["stop_gradient"] == "zero"
     assert documented["constant"] == documented["lt"] == "no"
+
+
+def test_heap_trimmed_once_big_calls_pause():
+    # trimming after every big call made the next one fault its memory afresh; the
+    # trimmer waits for a pause of DELAY seconds, then trims once
+    from adsvc.server.service import HeapTrimmer
+
+    trims = []
+    t = HeapTrimmer(lambda: trims.append(time.monotonic()))
+    t.DELAY = 0.2
+    start = time.monotonic()
+    for _ in range(5):  # five big calls 0.1 s apart: no trim while they keep coming
+        t.note()
+        time.sleep(0.1)
+    assert trims == []
+    deadline = time.monotonic() + 5
+    while not trims and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert len(trims) == 1 and trims[0] - start >= 0.4 + 0.2 - 0.05
+    time.sleep(0.3)
+    assert len(trims) == 1 and t.trims == 1
