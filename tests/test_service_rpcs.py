@@ -1,9 +1,9 @@
 """Every RPC of the service against a real in-process server, health and reflection, and
 the SDK (adsvc.connect) agreeing with the local client."""
 
+import time
 from pathlib import Path
 
-import time
 import grpc
 import numpy as np
 import pytest
