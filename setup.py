@@ -5,10 +5,12 @@ The generated modules are never committed. They are written into the SDK package
 cross-file imports made package-relative so the package can live anywhere.
 """
 
+import shutil
 import sys
 from pathlib import Path
 
 from setuptools import Extension, setup
+from setuptools.command.build_ext import build_ext
 from setuptools.command.build_py import build_py
 
 ROOT = Path(__file__).resolve().parent
@@ -29,4 +31,19 @@ SCALAR_VM = Extension("adsvc.runtime._scalarvm",
                       depends=["adsvc/runtime/_scalarvm.h"], extra_compile_args=["-O2"],
                       optional=True)
 
-setup(cmdclass={"build_py": BuildWithProtos}, ext_modules=[SCALAR_VM])
+class BuildExtInTree(build_ext):
+    """Also copy the built VM next to its sources: tests run from a checkout import adsvc
+    from the source tree (`python -m pytest` puts the checkout first on sys.path), which
+    would otherwise have no VM and skip every test of it."""
+
+    def run(self):
+        super().run()
+        for ext in self.extensions:
+            built = Path(self.get_ext_fullpath(ext.name))
+            dest = ROOT / self.get_ext_filename(ext.name)
+            if built.exists() and built.resolve() != dest.resolve():
+                shutil.copyfile(built, dest)
+
+
+setup(cmdclass={"build_py": BuildWithProtos, "build_ext": BuildExtInTree},
+      ext_modules=[SCALAR_VM])
