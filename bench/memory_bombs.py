@@ -153,6 +153,10 @@ def send(server: BenchServer, rpc: str, request, timeout: float = 20.0):
     return code, details, seconds, line.status if line else "-"
 
 
+# the server trims its heap 1 s after the last big call (service.HeapTrimmer.DELAY)
+TRIM_PAUSE = 1.5
+
+
 def run_refused(server: BenchServer, n_labels: int) -> tuple[list, list[str]]:
     rows, broken = [], []
     for name, rpc, count, make in bombs(n_labels):
@@ -170,6 +174,7 @@ def run_refused(server: BenchServer, n_labels: int) -> tuple[list, list[str]]:
             if not server.alive():
                 broken.append(f"{name}: the server died (exit {server.proc.returncode})")
                 break
+        time.sleep(TRIM_PAUSE)  # the server trims its heap once big calls pause
         rows.append((name, f"{count}x {rpc}", "/".join(sorted(statuses)), "/".join(sorted(logs)),
                      f"{worst:.3f}", mb(server.rss()), mb(server.rss() - before),
                      mb(server.peak_rss()), message[:80]))
@@ -199,6 +204,7 @@ def run_cache_fill(server: BenchServer, n: int, budget: int) -> tuple[list, list
         worst = max(worst, seconds)
         if not server.alive():
             break
+    time.sleep(TRIM_PAUSE)  # the server trims its heap once big calls pause
     growth = server.rss() - before
     info = server.info().stats
     row = ("cache_fill", f"{n}x Differentiate (64 MB constant)",
