@@ -42,6 +42,7 @@ from adsvc_protocol.modes import TO_ENUM
 from adsvc_protocol.proto import ir_pb2, service_pb2, service_pb2_grpc
 from adsvc_protocol.secrets import read_secret_file
 from adsvc_protocol.tensors import dtype_from_enum, from_tensor, shape_from_proto, to_tensor
+from adsvc_protocol.wire import evaluate_request
 
 SERVICE = "adsvc.v1.AutodiffService"
 DEFAULT_MAX_MESSAGE_BYTES = 64 * 1024 * 1024
@@ -186,6 +187,10 @@ class RemoteClient(ClientBase):
                          if secure is not None
                          else grpc.insecure_channel(target, options=opts))
         self._stub = service_pb2_grpc.AutodiffServiceStub(self._channel)
+        # Evaluate with the request already serialized (adsvc_protocol.wire)
+        self._evaluate_bytes = self._channel.unary_unary(
+            "/adsvc.v1.AutodiffService/Evaluate", request_serializer=None,
+            response_deserializer=service_pb2.EvaluateResponse.FromString)
         # what a cached entry holds: the graph kept for re-sending, or a sparsity pattern
         self.cache = LRUCache(cache_size, max_cache_bytes)
         self._stream_feeds: int | None = None  # the server's max_stream_feeds, once known
@@ -203,9 +208,10 @@ class RemoteClient(ClientBase):
     def _retry(self, rpc: str, timeout) -> Retry:
         return Retry(self.retry_seconds if rpc in RETRY_SAFE else 0.0, self._timeout(timeout))
 
-    def _call(self, rpc: str, request, timeout):
-        """A unary RPC by name, retried on UNAVAILABLE; typed errors."""
-        method = getattr(self._stub, rpc)
+    def _call(self, rpc: str, request, timeout, method=None):
+        """A unary RPC by name (or `method`, a multicallable of it), retried on
+        UNAVAILABLE; typed errors."""
+        method = method or getattr(self._stub, rpc)
         retry = self._retry(rpc, timeout)
         metadata = self._metadata()  # one request id for every attempt
         while True:
@@ -270,14 +276,15 @@ class RemoteClient(ClientBase):
 
     def _run(self, compiled, feeds, timeout) -> dict[str, np.ndarray]:
         h: RemoteHandle = compiled.handle
-        inputs = _encode_feeds(compiled, feeds)
-        try:
-            resp = self._call("Evaluate",
-                              service_pb2.EvaluateRequest(handle=h.handle, inputs=inputs),
-                              timeout)
+        arrays = check_feeds(compiled.inputs, feeds)
+        typed = [(name, sig[0], a) for (name, sig), a in zip(compiled.inputs.items(), arrays)]
+        try:  # the request written around the arrays' buffers: one copy of each
+            resp = self._call("Evaluate", evaluate_request(h.handle, typed), timeout,
+                              self._evaluate_bytes)
         except E.HandleNotFoundError:  # evicted, restarted or another replica: re-send
             resp = self._call("Evaluate", service_pb2.EvaluateRequest(
-                graph=h.graph, differentiation=h.differentiation, inputs=inputs), timeout)
+                graph=h.graph, differentiation=h.differentiation,
+                inputs={name: to_tensor(a, dt) for name, dt, a in typed}), timeout)
             h.handle = resp.handle
         return _decode(resp.outputs)
 
