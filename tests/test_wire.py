@@ -58,3 +58,14 @@ def test_the_sdk_sends_it_and_resends_after_an_unknown_handle():
         value2, grads2 = c.value_and_grad(g, x=x, y=2.0)
         assert float(value2) == float(value)
         np.testing.assert_array_equal(grads2["x"], grads["x"])
+
+
+def test_the_response_parses_to_the_protobuf_message():
+    from adsvc_protocol.wire import evaluate_response
+
+    raw = evaluate_response("handle-1", CASES)
+    want = S.EvaluateResponse(handle="handle-1",
+                              outputs={n: to_tensor(v, d) for n, d, v in CASES})
+    assert S.EvaluateResponse.FromString(raw) == want
+    assert S.EvaluateResponse.FromString(evaluate_response("h", [])) == \
+        S.EvaluateResponse(handle="h")

@@ -46,6 +46,7 @@ from adsvc_protocol.errors import (
 from adsvc_protocol.modes import REVERSE, mode_from_enum
 from adsvc_protocol.proto import ir_pb2, service_pb2, service_pb2_grpc
 from adsvc_protocol.tensors import to_tensor, type_to_proto
+from adsvc_protocol.wire import evaluate_response
 
 _CPUS = os.cpu_count() or 1  # read once: the load estimate runs on every call
 log = logging.getLogger("adsvc.server")
@@ -178,15 +179,19 @@ def _call(method):
     return unary_wrapper
 
 
+def _serialize(response) -> bytes:
+    """A response message's bytes; a response already written as bytes as it is."""
+    return response if isinstance(response, bytes) else response.SerializeToString()
+
+
 def add_to_server(servicer: AutodiffServicer, server: grpc.Server) -> None:
     """Register the servicer with raw-bytes requests (parsed by `_call`)."""
     handlers = {}
-    for name, (_, response_cls) in METHODS.items():
+    for name in METHODS:
         fn = getattr(servicer, name)
         make = (grpc.stream_stream_rpc_method_handler if name == "EvaluateStream"
                 else grpc.unary_unary_rpc_method_handler)
-        handlers[name] = make(fn, request_deserializer=None,
-                              response_serializer=response_cls.SerializeToString)
+        handlers[name] = make(fn, request_deserializer=None, response_serializer=_serialize)
     server.add_generic_rpc_handlers(
         (grpc.method_handlers_generic_handler(_SERVICE.full_name, handlers),))
 
@@ -392,10 +397,17 @@ class AutodiffServicer(service_pb2_grpc.AutodiffServiceServicer):
         feeds = decode_feeds(request.inputs, self.config)
         call.detail += _cost(self.compiler.runnable(entry, feeds))
         values = evaluate(entry, feeds, call.interrupt)
-        resp = service_pb2.EvaluateResponse(outputs=encode_outputs(entry, values),
-                                            handle=entry.handle)
-        self._limit_response(resp, values.values())
-        return resp
+        try:  # written around the output arrays' buffers (adsvc_protocol.wire)
+            data = evaluate_response(entry.handle, [(name, entry.outputs[name][0], v)
+                                                    for name, v in values.items()])
+        except (ValueError, OverflowError, TypeError) as e:  # as encode_outputs says it
+            raise InvalidRequestError(f"an output cannot be encoded: {e}",
+                                      field="outputs") from None
+        limit = self.config.max_message_bytes
+        if limit and len(data) > limit:
+            raise LimitExceededError(f"the response would be {len(data)} bytes; the message "
+                                     f"limit is {limit}", field="response")
+        return data  # bytes: sent as they are (`_serialize`)
 
     @_call
     def Gradient(self, request, call):

@@ -3,11 +3,12 @@
 Encoding an EvaluateRequest the usual way copies each tensor's bytes three times
 (`tobytes`, into the Tensor message, into the request's map) before
 `SerializeToString` copies them a fourth time; for an 8 MB input that was several ms
-per copy. `evaluate_request` writes the same protobuf wire bytes with one copy: the
+per copy. `evaluate_request` (the SDK) and `evaluate_response` (the server) write the
+same protobuf wire bytes with one copy: the
 small parts (handle, map keys, dtype, dims) are serialized by protobuf itself and the
 raw field's tag and length are written here, so the tensors' arrays go straight into
 one `bytes.join`. The result parses to exactly the message `EvaluateRequest(handle=...,
-inputs={name: to_tensor(...)})` would be (tests/test_wire.py).
+inputs={name: to_tensor(...)})` (or the response) would be (tests/test_wire.py).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from adsvc_protocol.tensors import TO_ENUM
 
 # field numbers (protos/adsvc/v1/service.proto, ir.proto); wire type 2 = length-delimited
 _HANDLE, _INPUTS = 2, 4  # EvaluateRequest.handle, EvaluateRequest.inputs (a map)
+_OUTPUTS = 1  # EvaluateResponse.outputs (a map)
 _KEY, _VALUE = 1, 2  # a map entry's key and value
 _RAW = 3  # Tensor.raw
 
@@ -47,11 +49,10 @@ def _array(value, dtype: str) -> np.ndarray:
     return arr.astype(arr.dtype.newbyteorder("<"), copy=False)
 
 
-def evaluate_request(handle: str, inputs: list[tuple[str, str, object]]) -> bytes:
-    """The serialized EvaluateRequest for `handle` with `inputs` [(name, dtype, value)]
-    (values already checked against the signature)."""
-    parts = [service_pb2.EvaluateRequest(handle=handle).SerializeToString()]
-    for name, dtype, value in inputs:
+def _tensor_map(number: int, tensors: list[tuple[str, str, object]]) -> list:
+    """The parts of the entries of map<string, Tensor> field `number`."""
+    parts = []
+    for name, dtype, value in tensors:
         arr = _array(value, dtype)
         head = ir_pb2.Tensor(dtype=TO_ENUM[dtype], dims=arr.shape).SerializeToString()
         data = memoryview(arr).cast("B") if arr.size else b""
@@ -60,5 +61,20 @@ def evaluate_request(handle: str, inputs: list[tuple[str, str, object]]) -> byte
         key = name.encode("utf-8")
         key_field = _field(_KEY, len(key)) + key
         entry_len = len(key_field) + len(_field(_VALUE, t_len)) + t_len
-        parts += [_field(_INPUTS, entry_len), key_field, _field(_VALUE, t_len), *tensor]
-    return b"".join(parts)
+        parts += [_field(number, entry_len), key_field, _field(_VALUE, t_len), *tensor]
+    return parts
+
+
+def evaluate_request(handle: str, inputs: list[tuple[str, str, object]]) -> bytes:
+    """The serialized EvaluateRequest for `handle` with `inputs` [(name, dtype, value)]
+    (values already checked against the signature)."""
+    return b"".join([service_pb2.EvaluateRequest(handle=handle).SerializeToString(),
+                     *_tensor_map(_INPUTS, inputs)])
+
+
+def evaluate_response(handle: str, outputs: list[tuple[str, str, object]]) -> bytes:
+    """The serialized EvaluateResponse with `outputs` [(name, dtype, value)] and `handle`
+    (values of the declared dtypes; a value that cannot be converted raises as
+    `to_tensor` does)."""
+    return b"".join([*_tensor_map(_OUTPUTS, outputs),
+                     service_pb2.EvaluateResponse(handle=handle).SerializeToString()])
