@@ -47,9 +47,14 @@ def test_several_inputs_in_one_request():
     assert S.EvaluateRequest.FromString(raw) == want
 
 
-def test_the_sdk_sends_it_and_resends_after_an_unknown_handle():
-    g = ad.trace(lambda x, y: ad.sum(x * x) * y, x=ad.f64(1000), y=ad.f64())
-    x = RNG.standard_normal(1000)
+@pytest.mark.parametrize("n", [1000, 20_000])  # under and over wire.LEAN_BYTES
+def test_the_sdk_sends_it_and_resends_after_an_unknown_handle(n):
+    from adsvc_protocol import wire
+
+    assert (n * 8 >= wire.LEAN_BYTES) == (n == 20_000)
+    g = ad.trace(lambda x, y: ad.sum(x * x) * y, x=ad.f64(n), y=ad.f64())
+    h = ad.trace(lambda x: x * 2.0, x=ad.f64(n))
+    x = RNG.standard_normal(n)
     with running_server() as (srv, target), ad.connect(target, timeout=60) as c:
         value, grads = c.value_and_grad(g, x=x, y=2.0)
         assert float(value) == pytest.approx(2.0 * float(np.sum(x * x)), rel=1e-14)
@@ -58,6 +63,8 @@ def test_the_sdk_sends_it_and_resends_after_an_unknown_handle():
         value2, grads2 = c.value_and_grad(g, x=x, y=2.0)
         assert float(value2) == float(value)
         np.testing.assert_array_equal(grads2["x"], grads["x"])
+        out = c.evaluate(h, x=x)  # a response of n floats: lean above LEAN_BYTES
+        np.testing.assert_array_equal(out["out"], x * 2.0)
 
 
 def test_the_response_parses_to_the_protobuf_message():

@@ -46,7 +46,7 @@ from adsvc_protocol.errors import (
 from adsvc_protocol.modes import REVERSE, mode_from_enum
 from adsvc_protocol.proto import ir_pb2, service_pb2, service_pb2_grpc
 from adsvc_protocol.tensors import to_tensor, type_to_proto
-from adsvc_protocol.wire import evaluate_response
+from adsvc_protocol.wire import evaluate_response, worth_it
 
 _CPUS = os.cpu_count() or 1  # read once: the load estimate runs on every call
 log = logging.getLogger("adsvc.server")
@@ -397,6 +397,11 @@ class AutodiffServicer(service_pb2_grpc.AutodiffServiceServicer):
         feeds = decode_feeds(request.inputs, self.config)
         call.detail += _cost(self.compiler.runnable(entry, feeds))
         values = evaluate(entry, feeds, call.interrupt)
+        if not worth_it(values.values()):
+            resp = service_pb2.EvaluateResponse(outputs=encode_outputs(entry, values),
+                                                handle=entry.handle)
+            self._limit_response(resp, values.values())
+            return resp
         try:  # written around the output arrays' buffers (adsvc_protocol.wire)
             data = evaluate_response(entry.handle, [(name, entry.outputs[name][0], v)
                                                     for name, v in values.items()])

@@ -42,7 +42,7 @@ from adsvc_protocol.modes import TO_ENUM
 from adsvc_protocol.proto import ir_pb2, service_pb2, service_pb2_grpc
 from adsvc_protocol.secrets import read_secret_file
 from adsvc_protocol.tensors import dtype_from_enum, from_tensor, shape_from_proto, to_tensor
-from adsvc_protocol.wire import evaluate_request
+from adsvc_protocol.wire import evaluate_request, worth_it
 
 SERVICE = "adsvc.v1.AutodiffService"
 DEFAULT_MAX_MESSAGE_BYTES = 64 * 1024 * 1024
@@ -278,9 +278,14 @@ class RemoteClient(ClientBase):
         h: RemoteHandle = compiled.handle
         arrays = check_feeds(compiled.inputs, feeds)
         typed = [(name, sig[0], a) for (name, sig), a in zip(compiled.inputs.items(), arrays)]
-        try:  # the request written around the arrays' buffers: one copy of each
-            resp = self._call("Evaluate", evaluate_request(h.handle, typed), timeout,
-                              self._evaluate_bytes)
+        try:
+            if worth_it(arrays):  # written around the arrays' buffers: one copy of each
+                resp = self._call("Evaluate", evaluate_request(h.handle, typed), timeout,
+                                  self._evaluate_bytes)
+            else:
+                resp = self._call("Evaluate", service_pb2.EvaluateRequest(
+                    handle=h.handle, inputs={n: to_tensor(a, dt) for n, dt, a in typed}),
+                    timeout)
         except E.HandleNotFoundError:  # evicted, restarted or another replica: re-send
             resp = self._call("Evaluate", service_pb2.EvaluateRequest(
                 graph=h.graph, differentiation=h.differentiation,
