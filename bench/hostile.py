@@ -714,7 +714,7 @@ def run(server: BenchServer, cases: range, seed: int, threads: int):
             rss_seen.append(server.rss())
     if server.alive():  # the final figure once the server is idle (work past deadlines)
         server.wait_idle(120)
-        time.sleep(1.0)
+        time.sleep(2.5)  # the server trims its heap 1 s after the last big call
         rss_seen.append(server.rss())
     return results, problems, rss_seen
 
