@@ -169,13 +169,19 @@ _binary_op("minimum", np.minimum, _extremum_partials(A.lt), numeric=True,
            doc="elementwise min; at ties each side gets 1/2 of the derivative")
 
 
-def _mul_or_zero(a, b):
-    out = np.multiply(a, b)
+def _mul_or_zero(a, b, out=None):
+    out = np.multiply(a, b) if out is None else np.multiply(a, b, out=out)
     # 0 * inf is the only way a zero factor gives NaN, so a product without NaN needs no
     # fix-up; the scalar test is cheap, which matters on scalar-heavy graphs.
     if (out != out) if out.ndim == 0 else np.isnan(out).any():
-        out = np.where((a == 0) | (b == 0), np.zeros((), out.dtype), out)
+        if out.ndim == 0:
+            out = np.where((a == 0) | (b == 0), np.zeros((), out.dtype), out)
+        else:  # in place: the same values as np.where(mask, 0, out)
+            np.copyto(out, np.zeros((), out.dtype), where=(a == 0) | (b == 0))
     return out
+
+
+_mul_or_zero.accepts_out = True  # a plan may hand it a freed buffer (runtime.buffers)
 
 
 # a * b, except exactly 0 where either factor is 0 (0 * inf = inf * 0 = 0): the
