@@ -89,3 +89,38 @@ def check_second_order(c, g, feeds, rng, grad_numpy=None):
     np.testing.assert_allclose(a, b, rtol=1e-8, atol=1e-8, err_msg="<w,Hv> != <Hw,v>")
     np.testing.assert_allclose(a, cc, rtol=1e-8, atol=1e-8,
                                err_msg="fwd-over-rev != fwd-over-fwd")
+
+
+def fd_grad(c, g, feeds, wrt=None, out="out"):
+    """{input: d out/d input} by central differences of `c`'s evaluation, element by
+    element (`wrt` None: every feed)."""
+    grads = {}
+    for k in (list(feeds) if wrt is None else wrt):
+        x = np.asarray(feeds[k], float)
+        gk = np.zeros_like(x)
+        for idx in np.ndindex(x.shape):
+            e = np.zeros_like(x)
+            e[idx] = H
+            plus = c.evaluate(g, {**feeds, k: x + e})[out]
+            minus = c.evaluate(g, {**feeds, k: x - e})[out]
+            gk[idx] = (plus - minus) / (2 * H)
+        grads[k] = gk
+    return grads
+
+
+def fd_hessian(c, g, feeds, wrt):
+    """{a: {b: d(grad a)/db}} by central differences of `c`'s reverse gradient."""
+    hess = {a: {} for a in wrt}
+    for b in wrt:
+        x = np.asarray(feeds[b], float)
+        cols = {a: np.zeros(np.shape(feeds[a]) + x.shape) for a in wrt}
+        for idx in np.ndindex(x.shape):
+            e = np.zeros_like(x)
+            e[idx] = H
+            gp = c.grad(g, inputs={**feeds, b: x + e})
+            gm = c.grad(g, inputs={**feeds, b: x - e})
+            for a in wrt:
+                cols[a][(...,) + idx] = (gp[a] - gm[a]) / (2 * H)
+        for a in wrt:
+            hess[a][b] = cols[a]
+    return hess

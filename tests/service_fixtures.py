@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 import grpc
+import pytest
 
 from adsvc.server.app import create_server
 from adsvc.server.config import ServerConfig
@@ -155,3 +156,29 @@ def stopped_steps(caplog, request_id, status):
     m = re.search(r"interrupted after (\d+) evaluation steps", lines[0])
     assert m, lines[0]
     return int(m.group(1))
+
+
+# module-scoped fixtures (tests/conftest.py offers them to every test module): a test
+# module's SERVER_CONFIG, if it has one, configures its server, CLIENT_OPTIONS its client
+@pytest.fixture(scope="module")
+def server(request):
+    """(server, target) of an in-process server, for the module's tests."""
+    with running_server(getattr(request.module, "SERVER_CONFIG", None)) as (srv, target):
+        yield srv, target
+
+
+@pytest.fixture(scope="module")
+def rpc(server):
+    """A raw stub on a channel to `server`."""
+    with channel(server[1]) as ch:
+        yield stub(ch)
+
+
+@pytest.fixture(scope="module")
+def client(request, server):
+    """The SDK connected to `server`."""
+    import adsvc
+
+    options = getattr(request.module, "CLIENT_OPTIONS", {})
+    with adsvc.connect(server[1], timeout=60, **options) as c:
+        yield c

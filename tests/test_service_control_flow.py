@@ -11,7 +11,7 @@ from __future__ import annotations
 import grpc
 import numpy as np
 import pytest
-from derivcheck import check_first_order, check_second_order
+from derivcheck import check_first_order, check_second_order, fd_grad, fd_hessian
 from google.rpc import error_details_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_status import rpc_status
@@ -55,65 +55,12 @@ H = 1e-6
 LOCAL = adsvc.local()
 
 
-# -- fixtures ---------------------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def server():
-    with running_server() as (srv, target):
-        yield srv, target
-
-
-@pytest.fixture(scope="module")
-def rpc(server):
-    with channel(server[1]) as ch:
-        yield stub(ch)
-
-
-@pytest.fixture(scope="module")
-def client(server):
-    with adsvc.connect(server[1], timeout=60) as c:
-        yield c
-
-
 # -- helpers ----------------------------------------------------------------------------------
 def close(actual, expected, what, rtol=1e-6, atol=1e-7):
     """assert_allclose with an absolute tolerance scaled by the expected magnitude."""
     actual, expected = np.asarray(actual, float), np.asarray(expected, float)
     scale = max(1.0, float(np.max(np.abs(expected), initial=0.0)))
     np.testing.assert_allclose(actual, expected, rtol=rtol, atol=atol * scale, err_msg=what)
-
-
-def fd_grad(g, feeds, wrt, out="out"):
-    """Central finite differences of the scalar output `out` (evaluated locally)."""
-    grads = {}
-    for k in wrt:
-        x = np.asarray(feeds[k], float)
-        gk = np.zeros_like(x)
-        for idx in np.ndindex(x.shape):
-            e = np.zeros_like(x)
-            e[idx] = H
-            plus = LOCAL.evaluate(g, {**feeds, k: x + e})[out]
-            minus = LOCAL.evaluate(g, {**feeds, k: x - e})[out]
-            gk[idx] = (plus - minus) / (2 * H)
-        grads[k] = gk
-    return grads
-
-
-def fd_hessian(c, g, feeds, wrt):
-    """{a: {b: d(grad a)/db}} by central differences of `c`'s reverse gradient."""
-    hess = {a: {} for a in wrt}
-    for b in wrt:
-        x = np.asarray(feeds[b], float)
-        cols = {a: np.zeros(np.shape(feeds[a]) + x.shape) for a in wrt}
-        for idx in np.ndindex(x.shape):
-            e = np.zeros_like(x)
-            e[idx] = H
-            gp = c.grad(g, inputs={**feeds, b: x + e})
-            gm = c.grad(g, inputs={**feeds, b: x - e})
-            for a in wrt:
-                cols[a][(...,) + idx] = (gp[a] - gm[a]) / (2 * H)
-        for a in wrt:
-            hess[a][b] = cols[a]
-    return hess
 
 
 def sub_graphs(g: Graph):
@@ -315,7 +262,7 @@ def test_value_and_grad_match_local_and_finite_differences(client, case):
     close(value, lvalue, "value", rtol=1e-12)
     close(value, LOCAL.evaluate(g, feeds)["out"], "value vs evaluate", rtol=1e-12)
     assert set(grads) == set(lgrads) == set(feeds)
-    fd = fd_grad(g, feeds, list(feeds))
+    fd = fd_grad(LOCAL, g, feeds, list(feeds))
     fwd = client.grad(g, mode="forward", inputs=feeds)
     for k in feeds:
         close(grads[k], lgrads[k], f"remote vs local grad {k}", rtol=1e-10)
@@ -962,7 +909,7 @@ def test_graph_sizes_do_not_depend_on_the_step_count(rpc):
         feeds = {"x": np.array(0.3), "w": np.array(0.8)}
         grads = from_tensor(rpc.Gradient(S.GradientRequest(handle=resp.handle, inputs={
             k: to_tensor(v) for k, v in feeds.items()})).gradients["w"])
-        close(grads, fd_grad(g, feeds, ["w"])["w"], "grad w")
+        close(grads, fd_grad(LOCAL, g, feeds, ["w"])["w"], "grad w")
     assert sizes[0] == sizes[1]
 
 

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
-from service_fixtures import channel, hand_graph, running_server, seed_graph, stub
+from service_fixtures import hand_graph, seed_graph
 
 import adsvc
 from adsvc.errors import (
@@ -33,8 +33,10 @@ from adsvc_protocol.proto import service_pb2 as S
 from adsvc_protocol.tensors import from_tensor, to_tensor
 
 INVALID, EXHAUSTED = grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.RESOURCE_EXHAUSTED
-LIMITS = ServerConfig(max_nodes=50, max_tensor_elements=1000, max_message_bytes=256 * 1024,
-                      max_order=2)
+# the module's server and client (the `server`/`client` fixtures of tests/conftest.py)
+CLIENT_OPTIONS = {"max_message_bytes": 1024 * 1024}
+LIMITS = SERVER_CONFIG = ServerConfig(max_nodes=50, max_tensor_elements=1000,
+                                      max_message_bytes=256 * 1024, max_order=2)
 XY = {"x": 3.0, "y": 4.0}
 
 
@@ -100,24 +102,6 @@ GRAPH_CASES = [
     ("too-many-elements-fed", hand_graph([(0, "x", [2000])], [(1, "neg", [0])], [("z", 1)]),
      {"x": np.ones(2000)}, LimitExceededError, None),
 ]
-
-
-@pytest.fixture(scope="module")
-def server():
-    with running_server(LIMITS) as (srv, target):
-        yield srv, target
-
-
-@pytest.fixture(scope="module")
-def rpc(server):
-    with channel(server[1]) as ch:
-        yield stub(ch)
-
-
-@pytest.fixture(scope="module")
-def client(server):
-    with adsvc.connect(server[1], timeout=60, max_message_bytes=1024 * 1024) as c:
-        yield c
 
 
 def details(err: grpc.RpcError):

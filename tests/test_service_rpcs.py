@@ -21,22 +21,6 @@ from adsvc_protocol.tensors import from_tensor, to_tensor
 XY = {"x": to_tensor(3.0), "y": to_tensor(4.0)}
 
 
-@pytest.fixture(scope="module")
-def server():
-    with running_server() as (srv, target):
-        yield srv, target
-
-
-@pytest.fixture(scope="module")
-def rpc(server):
-    with channel(server[1]) as ch:
-        yield stub(ch)
-
-
-@pytest.fixture(scope="module")
-def client(server):
-    with adsvc.connect(server[1], timeout=60) as c:
-        yield c
 
 
 def values(tensors):

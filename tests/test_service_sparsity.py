@@ -19,12 +19,6 @@ from adsvc_protocol.proto import service_pb2 as S
 from adsvc_protocol.tensors import from_tensor, to_tensor
 
 
-@pytest.fixture(scope="module")
-def server():
-    with running_server() as (srv, target):
-        yield srv, target
-
-
 def _mixed(x, y):
     return {"r": ad.concat([x[1:] * y[:2], ad.sin(x) * y[3:]], 0),
             "s": ad.sum(ad.reshape(y, (2, 3)) @ x)}

@@ -13,7 +13,7 @@ import importlib
 import grpc
 import numpy as np
 import pytest
-from derivcheck import check_first_order, check_second_order
+from derivcheck import check_first_order, check_second_order, fd_grad, fd_hessian
 from service_fixtures import F64, channel, hand_graph, running_server, stub
 
 import adsvc
@@ -319,38 +319,6 @@ def _concrete(prog, k):
 def _symbolic(prog):
     fn, specs = PROGRAMS[prog][:2]
     return adsvc.trace(fn, **specs)
-
-
-def fd_grad(c, g, feeds):
-    """Central differences of the scalar output, input by input, element by element."""
-    out = {}
-    for x, v in feeds.items():
-        gx = np.zeros_like(v)
-        for idx in np.ndindex(v.shape):
-            e = np.zeros_like(v)
-            e[idx] = H
-            plus = c.evaluate(g, {**feeds, x: v + e})["out"]
-            minus = c.evaluate(g, {**feeds, x: v - e})["out"]
-            gx[idx] = (plus - minus) / (2 * H)
-        out[x] = gx
-    return out
-
-
-def fd_hessian(c, g, feeds, wrt):
-    """{a: {b: d(grad a)/db}} by central differences of the reverse gradient."""
-    hess = {a: {} for a in wrt}
-    for b in wrt:
-        x = feeds[b]
-        cols = {a: np.zeros(feeds[a].shape + x.shape) for a in wrt}
-        for idx in np.ndindex(x.shape):
-            e = np.zeros_like(x)
-            e[idx] = H
-            gp, gm = c.grad(g, inputs={**feeds, b: x + e}), c.grad(g, inputs={**feeds, b: x - e})
-            for a in wrt:
-                cols[a][(...,) + idx] = (gp[a] - gm[a]) / (2 * H)
-        for a in wrt:
-            hess[a][b] = cols[a]
-    return hess
 
 
 @pytest.mark.parametrize("prog,k", PROGRAM_SIZES)

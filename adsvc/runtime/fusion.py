@@ -49,6 +49,15 @@ NUMEXPR_TYPE = {"float64": np.float64, "bool": bool}  # numexpr names types by c
 MAX_OPS = 32
 
 
+def _users(steps: list) -> dict[int, int]:
+    """How many times the steps read each slot."""
+    users: dict[int, int] = {}
+    for _, ins, _, _ in steps:
+        for s in ins:
+            users[s] = users.get(s, 0) + 1
+    return users
+
+
 def _fusable(node) -> bool:
     if node.op not in FORMS or node.types is not None or node.dtype not in NUMEXPR_TYPE:
         return False
@@ -71,10 +80,7 @@ def fuse(steps: list, nodes: list, keep: set[int]) -> list:
     by one step each (kernel: the compiled expression; operands: the region's leaves)."""
     if numexpr is None:
         return steps
-    users: dict[int, int] = {}
-    for _, ins, _, _ in steps:
-        for s in ins:
-            users[s] = users.get(s, 0) + 1
+    users = _users(steps)
     region: dict[int, int] = {}  # slot -> index of the region (in `groups`) it belongs to
     groups: list[list[int]] = []  # step indices per region
     size: dict[int, int] = {}  # slot -> operations of its expression text
@@ -167,12 +173,8 @@ def fuse_pad_sums(steps: list, nodes: list, keep: set[int]) -> list:
     reverse mode builds it — as one step that writes a into a zeroed array and adds b
     in place: one full-size array instead of three. Bit-identical: where only one pad
     covers, the sum was that value plus an exact 0; where both cover, a + b."""
-    users: dict[int, int] = {}
-    made: dict[int, int] = {}
-    for k, (_, ins, out, _) in enumerate(steps):
-        made[out] = k
-        for s in ins:
-            users[s] = users.get(s, 0) + 1
+    users = _users(steps)
+    made = {out: k for k, (_, _, out, _) in enumerate(steps)}
     drop, new = set(), {}
     for k, (_, ins, out, node) in enumerate(steps):
         pads = [made.get(s) for s in ins]

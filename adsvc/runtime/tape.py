@@ -40,8 +40,10 @@ class TapePlan:
     """The first derivative of a scalar graph, run as a forward and a derivative sweep
     (see the module docstring)."""
 
-    def __init__(self, primal: Graph, mode: str, wrt: list, seed: bool, flat: tuple,
+    def __init__(self, primal: Graph, mode: str, wrt: list, seed: str | None, flat: tuple,
                  build: Callable[[], Graph]):
+        """`seed`: the name of the output a plain gradient seeds with 1 (None: a VJP, or
+        forward mode); `flat`: `scalar_vm.flatten(primal)`."""
         code, template, n_regs, roots = flat
         self.mode, self.seed, self._build = mode, seed, build
         self.code = np.frombuffer(code, dtype=np.int32).reshape(-1, 5) if code else \
@@ -67,13 +69,12 @@ class TapePlan:
         self.outputs_sig = {k: (n.dtype, n.shape) for k, n in outs}
         if mode == "reverse":
             new_in = [] if seed else [names.cotangent(k) for k, _ in targets]
-            new_out = [(names.grad(w.name), w) for w in wrt]
-            self.inputs.update({k: (dtypes.FLOAT64, ()) for k in new_in})
+            new_out = [names.grad(w.name) for w in wrt]
         else:
             new_in = [names.tangent(w.name) for w in wrt]
-            new_out = [(names.tangent(k), None) for k, _ in targets]
-            self.inputs.update({k: (dtypes.FLOAT64, ()) for k in new_in})
-        self.outputs_sig.update({k: (dtypes.FLOAT64, ()) for k, _ in new_out})
+            new_out = [names.tangent(k) for k, _ in targets]
+        self.inputs.update({k: (dtypes.FLOAT64, ()) for k in new_in})
+        self.outputs_sig.update({k: (dtypes.FLOAT64, ()) for k in new_out})
         self.output_names = list(self.outputs_sig)
         self._all_float = all(dt == dtypes.FLOAT64 for dt, _ in self.inputs.values())
         self.active_instructions = int(np.count_nonzero(self.flags[:self.count]))

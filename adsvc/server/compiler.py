@@ -3,12 +3,13 @@ evaluation. No gRPC here; service.py parses requests and calls these."""
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import logging
 import math
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -38,6 +39,7 @@ from adsvc_protocol.proto import ir_pb2, service_pb2
 from adsvc_protocol.recipes import Compiled
 from adsvc_protocol.sparse import HESSIAN, Sparsity
 from adsvc_protocol.tensors import from_tensor, to_tensor
+from adsvc_protocol.wire import evaluate_response
 
 log = logging.getLogger("adsvc.server")
 
@@ -353,12 +355,27 @@ def decode_feeds(tensors: Mapping[str, ir_pb2.Tensor], config: ServerConfig,
     return out
 
 
-def encode_outputs(entry: Entry, values: Mapping[str, np.ndarray]) -> dict[str, ir_pb2.Tensor]:
-    """The output values as Tensor protos of the compiled graph's output dtypes."""
+@contextlib.contextmanager
+def _encoding() -> Iterator[None]:
+    """An output numpy cannot convert to its declared dtype: InvalidRequestError."""
     try:
-        return {name: to_tensor(v, entry.outputs[name][0]) for name, v in values.items()}
+        yield
     except (ValueError, OverflowError, TypeError) as e:
         raise InvalidRequestError(f"an output cannot be encoded: {e}", field="outputs") from None
+
+
+def encode_outputs(entry: Entry, values: Mapping[str, np.ndarray]) -> dict[str, ir_pb2.Tensor]:
+    """The output values as Tensor protos of the compiled graph's output dtypes."""
+    with _encoding():
+        return {name: to_tensor(v, entry.outputs[name][0]) for name, v in values.items()}
+
+
+def evaluate_response_bytes(entry: Entry, values: Mapping[str, np.ndarray]) -> bytes:
+    """The serialized EvaluateResponse, written around the output arrays' buffers
+    (`adsvc_protocol.wire`: one copy of each)."""
+    with _encoding():
+        return evaluate_response(entry.handle, [(name, entry.outputs[name][0], v)
+                                                for name, v in values.items()])
 
 
 def check_response_size(entry: Entry, config: ServerConfig, what: str = "response") -> None:

@@ -28,6 +28,7 @@ from adsvc.server.compiler import (
     decode_feeds,
     encode_outputs,
     evaluate,
+    evaluate_response_bytes,
     spec_from_proto,
 )
 from adsvc.server.config import ServerConfig
@@ -46,7 +47,7 @@ from adsvc_protocol.errors import (
 from adsvc_protocol.modes import REVERSE, mode_from_enum
 from adsvc_protocol.proto import ir_pb2, service_pb2, service_pb2_grpc
 from adsvc_protocol.tensors import to_tensor, type_to_proto
-from adsvc_protocol.wire import evaluate_response, worth_it
+from adsvc_protocol.wire import worth_it
 
 _CPUS = os.cpu_count() or 1  # read once: the load estimate runs on every call
 log = logging.getLogger("adsvc.server")
@@ -339,17 +340,20 @@ class AutodiffServicer(service_pb2_grpc.AutodiffServiceServicer):
         call.context.abort_with_status(_Status(status.code, status.details, md))
 
     def _limit_response(self, response, values=None) -> None:
-        """LimitExceededError if `response` is over the message limit. With the output
-        `values` it was made of, their bytes decide when they are well under the limit
-        (ByteSize walks, and for large tensors costs as much as an encoding)."""
+        """LimitExceededError if `response` (a message, or its bytes) is over the message
+        limit. With the output `values` a message was made of, their bytes decide when
+        they are well under the limit (ByteSize walks, and for large tensors costs as much
+        as an encoding)."""
         limit = self.config.max_message_bytes
-        if limit and values is not None:
+        if limit and values is not None and not isinstance(response, bytes):
             raw = sum(np.asarray(v).nbytes for v in values)
             if raw + RESPONSE_SLACK < limit:
                 return
-        if limit and response.ByteSize() > limit:
-            raise LimitExceededError(f"the response would be {response.ByteSize()} bytes; the "
-                                     f"message limit is {limit}", field="response")
+        size = len(response) if isinstance(response, bytes) else response.ByteSize() \
+            if limit else 0
+        if limit and size > limit:
+            raise LimitExceededError(f"the response would be {size} bytes; the message "
+                                     f"limit is {limit}", field="response")
 
     def _source(self, request, call: Call, where: str = ""):
         """The compiled entry for a request with a `source` oneof and `differentiation`."""
@@ -397,22 +401,13 @@ class AutodiffServicer(service_pb2_grpc.AutodiffServiceServicer):
         feeds = decode_feeds(request.inputs, self.config)
         call.detail += _cost(self.compiler.runnable(entry, feeds))
         values = evaluate(entry, feeds, call.interrupt)
-        if not worth_it(values.values()):
+        if worth_it(values.values()):  # bytes, sent as they are (`_serialize`)
+            resp = evaluate_response_bytes(entry, values)
+        else:
             resp = service_pb2.EvaluateResponse(outputs=encode_outputs(entry, values),
                                                 handle=entry.handle)
-            self._limit_response(resp, values.values())
-            return resp
-        try:  # written around the output arrays' buffers (adsvc_protocol.wire)
-            data = evaluate_response(entry.handle, [(name, entry.outputs[name][0], v)
-                                                    for name, v in values.items()])
-        except (ValueError, OverflowError, TypeError) as e:  # as encode_outputs says it
-            raise InvalidRequestError(f"an output cannot be encoded: {e}",
-                                      field="outputs") from None
-        limit = self.config.max_message_bytes
-        if limit and len(data) > limit:
-            raise LimitExceededError(f"the response would be {len(data)} bytes; the message "
-                                     f"limit is {limit}", field="response")
-        return data  # bytes: sent as they are (`_serialize`)
+        self._limit_response(resp, values.values())
+        return resp
 
     @_call
     def Gradient(self, request, call):

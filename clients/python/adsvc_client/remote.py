@@ -278,18 +278,19 @@ class RemoteClient(ClientBase):
         h: RemoteHandle = compiled.handle
         arrays = check_feeds(compiled.inputs, feeds)
         typed = [(name, sig[0], a) for (name, sig), a in zip(compiled.inputs.items(), arrays)]
+
+        def tensors():
+            return {name: to_tensor(a, dt) for name, dt, a in typed}
         try:
             if worth_it(arrays):  # written around the arrays' buffers: one copy of each
                 resp = self._call("Evaluate", evaluate_request(h.handle, typed), timeout,
                                   self._evaluate_bytes)
             else:
                 resp = self._call("Evaluate", service_pb2.EvaluateRequest(
-                    handle=h.handle, inputs={n: to_tensor(a, dt) for n, dt, a in typed}),
-                    timeout)
+                    handle=h.handle, inputs=tensors()), timeout)
         except E.HandleNotFoundError:  # evicted, restarted or another replica: re-send
             resp = self._call("Evaluate", service_pb2.EvaluateRequest(
-                graph=h.graph, differentiation=h.differentiation,
-                inputs={name: to_tensor(a, dt) for name, dt, a in typed}), timeout)
+                graph=h.graph, differentiation=h.differentiation, inputs=tensors()), timeout)
             h.handle = resp.handle
         return _decode(resp.outputs)
 

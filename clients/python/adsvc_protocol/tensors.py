@@ -74,8 +74,15 @@ def to_tensor(value, dtype: str | None = None) -> ir_pb2.Tensor:
             dtype = dtypes.INT64
         else:
             dtype = dtypes.from_numpy(arr.dtype)
-    arr = np.asarray(arr, dtype=dtypes.to_numpy(dtype), order="C")  # keeps 0-d shapes
+    arr = raw_array(arr, dtype)
     return ir_pb2.Tensor(dtype=TO_ENUM[dtype], dims=arr.shape, raw=arr.tobytes())
+
+
+def raw_array(value, dtype: str) -> np.ndarray:
+    """`value` as the array a Tensor's raw bytes hold: of `dtype`, C order, little-endian
+    (0-d shapes kept)."""
+    arr = np.asarray(value, dtype=dtypes.to_numpy(dtype), order="C")
+    return arr.astype(arr.dtype.newbyteorder("<"), copy=False)
 
 
 def from_tensor(t: ir_pb2.Tensor, where: str = "", error=InputError,

@@ -15,9 +15,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from adsvc_protocol import dtypes
 from adsvc_protocol.proto import ir_pb2, service_pb2
-from adsvc_protocol.tensors import TO_ENUM
+from adsvc_protocol.tensors import TO_ENUM, raw_array
 
 # field numbers (protos/adsvc/v1/service.proto, ir.proto); wire type 2 = length-delimited
 _HANDLE, _INPUTS = 2, 4  # EvaluateRequest.handle, EvaluateRequest.inputs (a map)
@@ -51,17 +50,11 @@ def _field(number: int, length: int) -> bytes:
     return _varint(number << 3 | 2) + _varint(length)
 
 
-def _array(value, dtype: str) -> np.ndarray:
-    """The little-endian C-contiguous array `to_tensor` would encode."""
-    arr = np.asarray(value, dtype=dtypes.to_numpy(dtype), order="C")
-    return arr.astype(arr.dtype.newbyteorder("<"), copy=False)
-
-
 def _tensor_map(number: int, tensors: list[tuple[str, str, object]]) -> list:
     """The parts of the entries of map<string, Tensor> field `number`."""
     parts = []
     for name, dtype, value in tensors:
-        arr = _array(value, dtype)
+        arr = raw_array(value, dtype)
         head = ir_pb2.Tensor(dtype=TO_ENUM[dtype], dims=arr.shape).SerializeToString()
         data = memoryview(arr).cast("B") if arr.size else b""
         tensor = [head, _field(_RAW, len(data)), data] if len(data) else [head]
