@@ -17,13 +17,13 @@ from derivcheck import check_first_order
 
 import adsvc as ad
 from adsvc.passes.pipeline import compile_graph
-from adsvc.runtime import fusion
+from adsvc.runtime import scalar_vm
 from adsvc.runtime.fusion import FusedKernel, PadSum
 from adsvc.runtime.plan import Plan
 
 plan_module = importlib.import_module("adsvc.runtime.plan")
 N = 1 << 16  # above fusion.MIN_ELEMENTS and buffers.MIN_BYTES
-pytestmark = pytest.mark.skipif(fusion.numexpr is None, reason="numexpr is not installed")
+pytestmark = pytest.mark.skipif(not scalar_vm.available(), reason="the VM is not built")
 
 
 def _plain(graph, monkeypatch) -> Plan:
@@ -126,8 +126,8 @@ def test_reused_buffers_are_never_visible_elsewhere():
     assert not np.shares_memory(second["b"], first["b"])
 
 
-def test_without_numexpr_nothing_is_fused(monkeypatch):
-    monkeypatch.setattr(fusion, "numexpr", None)
+def test_without_the_vm_nothing_is_fused(monkeypatch):
+    monkeypatch.setattr(scalar_vm, "ENABLED", [False])
     g = ad.trace(lambda x: ad.sum((x * 2.0 + 1.0) * x), x=ad.f64(N))
     p = Plan(g)
     assert not any(isinstance(fn, FusedKernel) for fn, *_ in p.steps)
@@ -142,3 +142,50 @@ def test_fused_graphs_against_finite_differences():
                  x=ad.f64(N), y=ad.f64(N))
     feeds = {"x": rng.standard_normal(N), "y": rng.standard_normal(N)}
     check_first_order(c, g, feeds, rng)
+
+
+def _code(*instructions) -> bytes:
+    return np.array(instructions, np.int32).tobytes()
+
+
+def test_block_vm_checks_its_program_and_leaves():
+    a, out = np.ones(N), np.empty(N)
+    mul = scalar_vm.OPCODES["mul"]
+    bad = {
+        "an op without a block form": (_code([scalar_vm.OPCODES["exp"], 1, 0, 0, 0]), (a,), 1),
+        "a register past the last": (_code([mul, 1, 0, 5, 0]), (a,), 1),
+        "a result in a leaf": (_code([mul, 0, 0, 0, 0]), (a,), 1),
+        "a last instruction reading its result": (_code([mul, 1, 0, 0, 0],
+                                                        [mul, 1, 1, 0, 0]), (a,), 1),
+        "a leaf of another size": (_code([mul, 1, 0, 0, 0]), (np.ones(N - 1),), 1),
+        "a float32 leaf": (_code([mul, 1, 0, 0, 0]), (np.ones(N, np.float32),), 1),
+        "an empty program": (b"", (a,), 1),
+    }
+    for what, (code, leaves, temps) in bad.items():
+        with pytest.raises(ValueError):
+            scalar_vm.blocks(code, leaves, out, temps)
+            pytest.fail(what)
+
+
+def test_fused_kernel_reads_every_leaf_form():
+    """Bool conditions, single values of shape (1,) and (), non-contiguous views and
+    big-endian arrays: each read as numpy reads it."""
+    rng = np.random.default_rng(11)
+    x = _awkward(rng, 2 * N)
+    cond = rng.standard_normal(N) > 0
+    b = _awkward(rng, N)
+
+    def fn(x, c, b, k):
+        return ad.where(c, x * k - b, ad.sqrt(ad.abs(x)) / (b + 2.0))
+    g = ad.trace(fn, x=ad.f64(N), c=ad.boolean(N), b=ad.f64(N), k=ad.f64(1))
+    p = Plan(g)
+    with np.errstate(all="ignore"):
+        want = np.where(cond, x[::2] * 3.0 - b, np.sqrt(np.abs(x[::2])) / (b + 2.0))
+    _identical(p.run({"x": x[::2], "c": cond, "b": b, "k": np.array([3.0])})["out"], want)
+    [(kernel, leaves)] = [(fn, ins) for fn, ins, *_ in p.steps if isinstance(fn, FusedKernel)]
+    forms = {"x": x[::2], "c": cond, "b": b.astype(">f8"), "k": np.array([3.0])}
+    slot = {n.name: p._slot[id(n)] for n in g.inputs}
+    values = {s: forms[name] for name, s in slot.items()}
+    values.update({s: v for s, v in enumerate(p.template) if v is not None})
+    assert not values[slot["x"]].flags.c_contiguous and not values[slot["b"]].dtype.isnative
+    _identical(kernel(*[values[s] for s in leaves]), want)

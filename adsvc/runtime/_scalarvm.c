@@ -92,6 +92,8 @@ static PyMethodDef methods[] = {
      "whole(program, flags, template, inputs, value_regs, targets, seeds, wrt, reverse)"},
     {"tangent", vm_tangent, METH_VARARGS,
      "tangent(program, registers, tangents, flags, start, stop): the tangent sweep"},
+    {"blocks", vm_blocks, METH_VARARGS,
+     "blocks(program, leaves, out, n_temps): a fused elementwise region, block by block"},
     {NULL, NULL, 0, NULL},
 };
 

@@ -75,6 +75,8 @@ PyObject *vm_activity(PyObject *self, PyObject *args);
 PyObject *vm_reverse(PyObject *self, PyObject *args);
 PyObject *vm_tangent(PyObject *self, PyObject *args);
 PyObject *vm_whole(PyObject *self, PyObject *args);
+/* _vmblocks.c */
+PyObject *vm_blocks(PyObject *self, PyObject *args);
 /* _scalarvm.c */
 void vm_execute(const int32_t *p, double *r, Py_ssize_t start, Py_ssize_t stop);
 /* _vmflatten.c */

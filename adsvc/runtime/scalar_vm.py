@@ -144,3 +144,10 @@ def whole(arrays: tuple, inputs, seeds, backward: bool) -> tuple[list, list]:
     code, flags, template, values, targets, wrt, reached = arrays
     return _scalarvm.whole(code, flags, template, inputs, values, targets, seeds, wrt,
                            reached, backward)
+
+
+def blocks(program: bytes, leaves: tuple, out: np.ndarray, temps: int) -> None:
+    """A fused elementwise region (`runtime.fusion`) into `out`, block by block
+    (`_vmblocks.c`): leaves are C-contiguous float64/bool arrays of out's size or of one
+    element."""
+    _scalarvm.blocks(program, leaves, out, temps)
