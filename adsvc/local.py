@@ -8,6 +8,7 @@ from adsvc.interrupt import REFUSE_MARGIN
 from adsvc.ir.codec import as_graph
 from adsvc.passes.sparsity import sparsity
 from adsvc.passes.sweeps import sweeps_graph
+from adsvc.runtime.buffers import SPARES
 from adsvc.runtime.cost import memory_fraction
 from adsvc.runtime.plan import compile_plan, plan_bytes, plan_for, plan_nodes
 from adsvc.runtime.tape import TapePlan
@@ -75,8 +76,10 @@ class LocalClient(ClientBase):
         self.cache.put(key, compiled, weight=(plan_bytes(plan), plan_nodes(plan)))
         return compiled
 
-    def _run(self, compiled, feeds, timeout):
+    def _run(self, compiled, feeds, timeout, outputs=None):
         plan = compiled.handle.bound(feeds)  # a graph with symbolic sizes: bound by feeds
+        if outputs is not None:  # only what those outputs need (`grad`: not the value)
+            plan = plan.only(outputs)
         if self.max_eval_bytes and plan.cost.peak_bytes > self.max_eval_bytes:
             raise LimitExceededError(
                 f"this evaluation needs about {plan.cost.peak_bytes / 2**20:.1f} MiB at its "
@@ -96,8 +99,10 @@ class LocalClient(ClientBase):
         return hit
 
     def close(self) -> None:
-        """Drop the cached plans (the client stays usable)."""
+        """Drop the cached plans and the spare buffers of runs (the client stays
+        usable)."""
         self.cache.clear()
+        SPARES.clear()
 
 
 def local(cache_size: int = 128, max_cache_nodes: int = 0,

@@ -17,7 +17,7 @@ from derivcheck import check_first_order
 
 import adsvc as ad
 from adsvc.passes.pipeline import compile_graph
-from adsvc.runtime import scalar_vm
+from adsvc.runtime import buffers, scalar_vm
 from adsvc.runtime.fusion import FusedKernel, PadSum
 from adsvc.runtime.plan import Plan
 
@@ -189,3 +189,53 @@ def test_fused_kernel_reads_every_leaf_form():
     values.update({s: v for s, v in enumerate(p.template) if v is not None})
     assert not values[slot["x"]].flags.c_contiguous and not values[slot["b"]].dtype.isnative
     _identical(kernel(*[values[s] for s in leaves]), want)
+
+
+def test_spares_are_bounded_and_never_outputs():
+    """Arrays a run leaves in its pool are kept for later runs (newest first, at most
+    PER_KEY per shape and `limit` bytes in all); outputs and inputs never are."""
+    spares = buffers.Spares(limit=3 * N * 8)
+    key = ((N,), np.dtype(np.float64))
+    spares.keep(key, [np.empty(N) for _ in range(buffers.PER_KEY + 2)])
+    assert spares.bytes == buffers.PER_KEY * N * 8
+    spares.keep(((4 * N,), np.dtype(np.float64)), [np.empty(4 * N)])
+    assert spares.bytes == buffers.PER_KEY * N * 8  # over the limit on its own: not kept
+    assert spares.take(key) is not None and spares.bytes == (buffers.PER_KEY - 1) * N * 8
+    newer = ((N, 2), np.dtype(np.float64))
+    spares.keep(newer, [np.empty((N, 2))])  # room made by the older shape's
+    assert spares.bytes <= spares.limit and spares.take(newer) is not None
+    spares.clear()
+    assert spares.bytes == 0 and spares.take(key) is None
+
+    buffers.SPARES.clear()
+    g = ad.trace(lambda x: {"y": (x * 2.0 + 1.0) * x, "s": ad.sum(x * x - 3.0)}, x=ad.f64(N))
+    p = Plan(g)
+    x = np.random.default_rng(8).standard_normal(N)
+    first = p.run({"x": x})
+    held = [a for arrays in buffers.SPARES._arrays.values() for a in arrays]
+    assert held and all(not np.shares_memory(a, v) for a in held for v in (*first.values(), x))
+    second = p.run({"x": x})  # takes the spares
+    for k in first:
+        _identical(second[k], first[k], k)
+        assert not np.shares_memory(second[k], first[k])
+    ad.local().close()  # a client's close drops them
+    assert buffers.SPARES.bytes == 0
+
+
+def test_grad_runs_without_the_value():
+    """`grad` evaluates the gradient graph cut to the gradients (the value's own steps
+    are not run), equal to value_and_grad's gradient exactly."""
+    c = ad.local()
+    g = ad.trace(lambda x: ad.sum(100.0 * (x[1:] - x[:-1] ** 2) ** 2 + (1.0 - x[:-1]) ** 2),
+                 x=ad.f64(N))
+    x = np.random.default_rng(6).standard_normal(N)
+    value, want = c.value_and_grad(g, x=x)
+    got = c.grad(g, x=x)
+    _identical(got["x"], want["x"])
+    plan = c._compile(g, ("reverse",), None, True, None).handle
+    cut = plan.only(("grad:x",))
+    assert cut is plan.only(("grad:x",)) and plan.only(("out", "grad:x")) is plan
+    assert [n for n, _ in cut.outputs] == ["grad:x"] and len(cut.steps) < len(plan.steps)
+    assert "sum" not in {node.op for *_, node in cut.steps}
+    s = ad.trace(lambda x, y: x * y + ad.sin(x), x=ad.f64(), y=ad.f64())  # a tape
+    assert c.grad(s, x=0.5, y=2.0) == c.value_and_grad(s, x=0.5, y=2.0)[1]

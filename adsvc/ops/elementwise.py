@@ -107,7 +107,7 @@ register(OpDef("add", 2, binary("add", NUMERIC), lambda a: np.add, _lin_jvp(_add
                lambda n, ct: [_ub(ct, n.inputs[0]), _ub(ct, n.inputs[1])], doc="a + b",
                sparsity=patterns.elementwise, linear=True))
 register(OpDef("sub", 2, binary("sub", NUMERIC), lambda a: np.subtract, _lin_jvp(_sub_jvp),
-               lambda n, ct: [_ub(ct, n.inputs[0]), _ub(A.neg(ct), n.inputs[1])],
+               lambda n, ct: [_ub(ct, n.inputs[0]), A.neg(_ub(ct, n.inputs[1]))],
                doc="a - b", sparsity=patterns.elementwise, linear=True))
 
 

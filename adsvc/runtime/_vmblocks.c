@@ -2,9 +2,10 @@
  *
  * `blocks(program, leaves, out, n_temps)`: the region's instructions (five int32s each,
  * as in _scalarvm.h: opcode, result register, operands a, b, c) over registers that are
- * blocks of BLOCK float64s. Registers 0..L-1 are the leaves (arrays of out's size, read
- * in place; size-1 arrays, repeated; bool arrays, converted per block), L..L+n_temps-1
- * scratch blocks; the last instruction writes into `out` itself. So a chain of k ops
+ * blocks of BLOCK float64s. Registers 0..L-1 are the leaves (C-contiguous arrays of
+ * out's size, read in place; arrays of one element, repeated; arrays of out's size
+ * with any strides, such as broadcast views, and bool arrays: gathered per block),
+ * L..L+n_temps-1 scratch blocks; the last instruction writes into `out` itself. So a chain of k ops
  * streams its leaves and its result through memory once instead of k full temporaries,
  * and each op is a tight loop over a block in the cache.
  *
@@ -15,12 +16,15 @@
  * one the unfused plan gives.
  */
 #include "_scalarvm.h"
+#include <string.h>
 
 #define BLOCK 512
 
+enum { FULL = 0, SINGLE = 2, STRIDED = 4 };  /* + 1 for bool */
+
 typedef struct {
     Py_buffer view;
-    int kind;  /* 0: float64 array, 1: bool array, 2: float64 single value, 3: bool single */
+    int kind;  /* FULL/SINGLE/STRIDED, + 1 when the array is bool */
 } Leaf;
 
 static void block_op(const int32_t *i, double **R, Py_ssize_t m) {
@@ -37,8 +41,18 @@ static void block_op(const int32_t *i, double **R, Py_ssize_t m) {
     case OP_SQUARE: for (j = 0; j < m; j++) d[j] = x[j] * x[j]; break;
     case OP_RECIPROCAL: for (j = 0; j < m; j++) d[j] = 1.0 / x[j]; break;
     case OP_ABS: for (j = 0; j < m; j++) d[j] = fabs(x[j]); break;
-    case OP_MUL_OR_ZERO: for (j = 0; j < m; j++) d[j] = vm_moz(x[j], y[j]); break;
-    case OP_WHERE: for (j = 0; j < m; j++) d[j] = x[j] != 0.0 ? y[j] : z[j]; break;
+    case OP_MUL_OR_ZERO:  /* vm_moz without branches (vectorized) */
+        for (j = 0; j < m; j++) {
+            double v = x[j] * y[j];
+            d[j] = ((v != v) & ((x[j] == 0.0) | (y[j] == 0.0))) ? 0.0 : v;
+        }
+        break;
+    case OP_WHERE:  /* both read first: a select, vectorized */
+        for (j = 0; j < m; j++) {
+            double t = y[j], f = z[j];
+            d[j] = x[j] != 0.0 ? t : f;
+        }
+        break;
     case OP_LT: for (j = 0; j < m; j++) d[j] = x[j] < y[j]; break;
     case OP_LE: for (j = 0; j < m; j++) d[j] = x[j] <= y[j]; break;
     case OP_GT: for (j = 0; j < m; j++) d[j] = x[j] > y[j]; break;
@@ -65,7 +79,7 @@ static int get_leaves(PyObject *seq, Leaf *leaves, Py_ssize_t L, Py_ssize_t n) {
     for (Py_ssize_t k = 0; k < L; k++) {
         Leaf *f = &leaves[k];
         if (PyObject_GetBuffer(PyTuple_GET_ITEM(seq, k), &f->view,
-                               PyBUF_C_CONTIGUOUS | PyBUF_FORMAT) < 0) {
+                               PyBUF_STRIDES | PyBUF_FORMAT) < 0) {
             for (Py_ssize_t q = 0; q < k; q++) PyBuffer_Release(&leaves[q].view);
             return -1;
         }
@@ -74,25 +88,73 @@ static int get_leaves(PyObject *seq, Leaf *leaves, Py_ssize_t L, Py_ssize_t n) {
             fmt++;  /* native byte order, said explicitly ('<f8' arrays) */
         int is_bool = fmt[0] == '?' && fmt[1] == 0 && f->view.itemsize == 1;
         int is_f64 = fmt[0] == 'd' && fmt[1] == 0 && f->view.itemsize == 8;
-        Py_ssize_t size = f->view.len / (f->view.itemsize ? f->view.itemsize : 1);
-        if ((!is_bool && !is_f64) || (size != n && size != 1)) {
+        Py_ssize_t size = 1;
+        for (int d = 0; d < f->view.ndim; d++)
+            size *= f->view.shape[d];
+        if ((!is_bool && !is_f64) || (size != n && size != 1) || f->view.ndim > 64) {
             for (Py_ssize_t q = 0; q <= k; q++) PyBuffer_Release(&leaves[q].view);
             PyErr_Format(PyExc_ValueError, "leaf %zd: not a float64/bool array of %zd "
                          "elements or one", k, n);
             return -1;
         }
-        f->kind = (is_bool ? 1 : 0) + (size == 1 && n != 1 ? 2 : 0);
+        int kind = size == 1 && n != 1 ? SINGLE
+                   : PyBuffer_IsContiguous(&f->view, 'C') ? FULL : STRIDED;
+        f->kind = kind + is_bool;
     }
     return 0;
+}
+
+static inline double leaf_at(const char *p, int is_bool) {
+    if (is_bool)
+        return *(const unsigned char *)p != 0;
+    double v;
+    memcpy(&v, p, sizeof v);
+    return v;
+}
+
+/* elements [start, start + m) of a strided leaf (any strides: broadcast, sliced,
+   reversed), in C order of its shape, into dst: row by row along the last axis */
+static void gather(const Py_buffer *v, int is_bool, Py_ssize_t start, Py_ssize_t m,
+                   double *dst) {
+    Py_ssize_t idx[64], off = 0, rest = start;
+    int nd = v->ndim;
+    for (int d = nd - 1; d >= 0; d--) {
+        idx[d] = rest % v->shape[d];
+        rest /= v->shape[d];
+        off += idx[d] * v->strides[d];
+    }
+    const char *base = (const char *)v->buf;
+    Py_ssize_t last = v->shape[nd - 1], step = v->strides[nd - 1], j = 0;
+    while (j < m) {
+        Py_ssize_t run = last - idx[nd - 1];
+        if (run > m - j) run = m - j;
+        if (step == 0) {
+            double x = leaf_at(base + off, is_bool);
+            for (Py_ssize_t q = 0; q < run; q++) dst[j + q] = x;
+        } else if (step == 8 && !is_bool) {
+            memcpy(dst + j, base + off, (size_t)run * sizeof(double));
+        } else {
+            for (Py_ssize_t q = 0; q < run; q++)
+                dst[j + q] = leaf_at(base + off + q * step, is_bool);
+        }
+        j += run;
+        idx[nd - 1] += run;
+        off += run * step;
+        for (int d = nd - 1; d > 0 && idx[d] == v->shape[d]; d--) {  /* carry */
+            off -= idx[d] * v->strides[d];
+            idx[d] = 0;
+            idx[d - 1]++;
+            off += v->strides[d - 1];
+        }
+    }
 }
 
 /* run the program over elements [0, n): every register a block (see the top) */
 static void run_blocks(const int32_t *p, Py_ssize_t n_instr, Leaf *leaves, Py_ssize_t L,
                        double **R, double *scratch, double *out, Py_ssize_t n) {
     for (Py_ssize_t k = 0; k < L; k++) {  /* single values: a block of copies, once */
-        if (leaves[k].kind >= 2) {
-            double v = leaves[k].kind == 2 ? *(const double *)leaves[k].view.buf
-                                           : (double)*(const unsigned char *)leaves[k].view.buf;
+        if (leaves[k].kind == SINGLE || leaves[k].kind == SINGLE + 1) {
+            double v = leaf_at(leaves[k].view.buf, leaves[k].kind == SINGLE + 1);
             R[k] = scratch + k * BLOCK;
             for (Py_ssize_t j = 0; j < BLOCK; j++) R[k][j] = v;
         }
@@ -100,12 +162,16 @@ static void run_blocks(const int32_t *p, Py_ssize_t n_instr, Leaf *leaves, Py_ss
     for (Py_ssize_t start = 0; start < n; start += BLOCK) {
         Py_ssize_t m = n - start < BLOCK ? n - start : BLOCK;
         for (Py_ssize_t k = 0; k < L; k++) {
-            if (leaves[k].kind == 0) {
+            int kind = leaves[k].kind;
+            if (kind == FULL) {
                 R[k] = (double *)leaves[k].view.buf + start;
-            } else if (leaves[k].kind == 1) {
+            } else if (kind == FULL + 1) {
                 const unsigned char *b = (const unsigned char *)leaves[k].view.buf + start;
                 R[k] = scratch + k * BLOCK;
                 for (Py_ssize_t j = 0; j < m; j++) R[k][j] = b[j] != 0;
+            } else if (kind >= STRIDED) {
+                R[k] = scratch + k * BLOCK;
+                gather(&leaves[k].view, kind == STRIDED + 1, start, m, R[k]);
             }
         }
         for (Py_ssize_t q = 0; q < n_instr; q++) {

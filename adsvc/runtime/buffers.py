@@ -17,6 +17,8 @@ planned peak of live bytes.
 from __future__ import annotations
 
 import sys
+import threading
+from collections import OrderedDict
 
 import numpy as np
 
@@ -24,6 +26,7 @@ from adsvc_protocol import dtypes
 
 MIN_BYTES = 1 << 18  # smaller allocations are cheap (the allocator's heap)
 PER_KEY = 2
+SPARE_BYTES = 1 << 26  # what the process keeps between runs (`Spares`)
 
 
 def out_key(fn, node) -> tuple | None:
@@ -40,8 +43,59 @@ def out_key(fn, node) -> tuple | None:
     return tuple(node.shape), dtype
 
 
+class Spares:
+    """The arrays runs left in their pools, kept (at most SPARE_BYTES in all; the shapes
+    kept longest ago make room for newer ones) for the next runs of any plan: without
+    them every run's first large results are mapped and faulted afresh. Thread-safe;
+    `clear()` hands them back (the server does once calls pause, with its heap trim)."""
+
+    def __init__(self, limit: int = SPARE_BYTES):
+        self.limit, self.bytes = limit, 0
+        self._arrays: OrderedDict[tuple, list[np.ndarray]] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def take(self, key: tuple) -> np.ndarray | None:
+        """A kept array of `key`'s shape and dtype, or None."""
+        with self._lock:
+            arrays = self._arrays.get(key)
+            if not arrays:
+                return None
+            a = arrays.pop()
+            self.bytes -= a.nbytes
+            return a
+
+    def keep(self, key: tuple, arrays: list[np.ndarray]) -> None:
+        """Keep what fits of `arrays` (each seen only by the pool that gives them)."""
+        with self._lock:
+            mine = self._arrays.pop(key, [])
+            self._arrays[key] = mine  # the newest shape
+            for a in arrays:
+                if len(mine) >= PER_KEY or a.nbytes > self.limit:
+                    break
+                while self.bytes + a.nbytes > self.limit:  # the oldest shape's go first
+                    old = next(iter(self._arrays.values()))
+                    if old is mine:
+                        return
+                    if old:
+                        self.bytes -= old.pop().nbytes
+                    else:
+                        self._arrays.popitem(last=False)
+                mine.append(a)
+                self.bytes += a.nbytes
+
+    def clear(self) -> None:
+        """Drop every kept array."""
+        with self._lock:
+            self._arrays.clear()
+            self.bytes = 0
+
+
+SPARES = Spares()
+
+
 class BufferPool:
-    """Freed arrays by (shape, dtype), for one run of a plan."""
+    """Freed arrays by (shape, dtype), for one run of a plan (topped up from, and
+    handed back to, the process's `SPARES`)."""
 
     def __init__(self):
         self.free: dict[tuple, list[np.ndarray]] = {}
@@ -49,7 +103,14 @@ class BufferPool:
     def take(self, key: tuple) -> np.ndarray | None:
         """A freed array of `key`'s shape and dtype, or None."""
         arrays = self.free.get(key)
-        return arrays.pop() if arrays else None
+        return arrays.pop() if arrays else SPARES.take(key)
+
+    def close(self) -> None:
+        """The run is over: its unused arrays become spares."""
+        for key, arrays in self.free.items():
+            if arrays:
+                SPARES.keep(key, arrays)
+        self.free = {}
 
     def give(self, key: tuple, vals: list, slot: int) -> None:
         """Free `vals[slot]`; keep its array for reuse if nothing else can see it."""

@@ -32,7 +32,7 @@ from adsvc.ops.shape import pad_index
 from adsvc.runtime import scalar_vm
 
 MIN_ELEMENTS = 1 << 15  # smaller arrays stay in cache anyway: numpy's per-op cost wins
-MIN_OPS = 2  # a region of one op is that op
+MIN_OPS = 1  # one op too: no numpy temporary, no separate NaN pass of mul_or_zero
 FUSABLE = ("add", "sub", "mul", "div", "neg", "square", "reciprocal", "abs", "sqrt",
            "lt", "le", "gt", "ge", "eq", "ne", "where", "mul_or_zero")
 COMPARISONS = ("lt", "le", "gt", "ge", "eq", "ne")
@@ -41,10 +41,10 @@ MAX_OPS = 64  # instructions per region: its scratch registers stay in the cache
 
 
 def _users(steps: list) -> dict[int, int]:
-    """How many times the steps read each slot."""
+    """How many steps read each slot."""
     users: dict[int, int] = {}
     for _, ins, _, _ in steps:
-        for s in ins:
+        for s in set(ins):
             users[s] = users.get(s, 0) + 1
     return users
 
@@ -61,12 +61,14 @@ def _fusable(node) -> bool:
 
 
 def _leaf_ok(leaf, shape) -> bool:
-    """Can `leaf` be a register of a region of `shape` (same shape, or one value that
-    broadcasts to it)?"""
-    if leaf.types is not None or leaf.dtype not in TYPES:
+    """Can `leaf` be a register of a region of `shape` (its shape broadcasts to it)?"""
+    if leaf.types is not None or leaf.dtype not in TYPES or \
+            not all(isinstance(d, int) for d in leaf.shape):
         return False
-    return tuple(leaf.shape) == tuple(shape) or (
-        len(leaf.shape) <= len(shape) and all(d == 1 for d in leaf.shape))
+    try:
+        return np.broadcast_shapes(tuple(leaf.shape), tuple(shape)) == tuple(shape)
+    except ValueError:
+        return False
 
 
 def fuse(steps: list, nodes: list, keep: set[int]) -> list:
@@ -156,10 +158,13 @@ def _program(steps: list, group: list[int], leaves: list[int]) -> tuple[bytes, i
     return np.array(code, np.int32).tobytes(), top - len(leaves)
 
 
-def _native(v) -> np.ndarray:
-    """`v` as a C-contiguous array in this machine's byte order (what the VM reads)."""
+def _leaf(v, shape: tuple) -> np.ndarray:
+    """Operand `v` as the VM reads it: in this machine's byte order, and of the region's
+    shape (a broadcast view: the VM follows its strides) unless it is one value."""
     a = np.asarray(v)
-    return np.ascontiguousarray(a, a.dtype.newbyteorder("="))
+    if not a.dtype.isnative:
+        a = a.astype(a.dtype.newbyteorder("="))
+    return a if a.size == 1 or a.shape == shape else np.broadcast_to(a, shape)
 
 
 class FusedKernel:
@@ -174,8 +179,10 @@ class FusedKernel:
     def __call__(self, *operands, out=None):
         if out is None:
             out = np.empty(self.shape)
-        leaves = tuple(v if type(v) is np.ndarray and v.flags.c_contiguous and
-                       v.dtype.isnative else _native(v) for v in operands)
+        shape = self.shape
+        leaves = tuple(v if type(v) is np.ndarray and v.dtype.isnative and
+                       (v.shape == shape or v.size == 1) else _leaf(v, shape)
+                       for v in operands)
         scalar_vm.blocks(self.program, leaves, out, self.temps)
         return out
 

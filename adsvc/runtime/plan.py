@@ -43,6 +43,7 @@ class Plan:
         plans of their own, one per distinct graph, which their ops' kernels run."""
         self.graph = graph
         self._plans = {} if _plans is None else _plans  # sub-graph -> its plan
+        self._cut: dict[tuple, Plan] = {}  # outputs -> plan of the graph cut to them
         nodes = graph.nodes
         self.input_types = [(n.dtype, n.shape) for n in graph.inputs]
         self.output_types = [(n.dtype, n.shape) for _, n in graph.outputs]
@@ -154,6 +155,20 @@ class Plan:
         """This plan (its sizes are fixed; see `SymbolicPlan.bound`)."""
         return self
 
+    def only(self, names: tuple[str, ...]) -> Plan:
+        """The plan of this graph cut to the outputs `names` (nodes only the others need
+        are not run: `grad` skips the value), built once per selection; this plan
+        when `names` covers every output."""
+        names = tuple(names)
+        if {n for n, _ in self.outputs} <= set(names):
+            return self
+        cut = self._cut.get(names)
+        if cut is None:
+            graph = Graph(self.graph.inputs, [(n, node) for n, node in self.graph.outputs
+                                              if n in names], self.graph.name)
+            cut = self._cut[names] = Plan(graph, None, self._plans)
+        return cut
+
     def memory_note(self) -> str:
         """What a refusal by the memory budget should add: the loop that stores the
         most for a backward sweep, and how to store less ("" if no loop stores much)."""
@@ -240,6 +255,7 @@ class Plan:
                         pool.give(pooled[s], vals, s)  # (frees it)
                     else:
                         vals[s] = None
+        pool.close()
         return {name: _owned(vals[s], s in self._input_slot_set) for name, s in self.outputs}
 
 

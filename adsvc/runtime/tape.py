@@ -133,6 +133,10 @@ class TapePlan:
         """This plan (a scalar graph has no symbolic sizes)."""
         return self
 
+    def only(self, names) -> TapePlan:
+        """This plan (its sweeps compute the value anyway)."""
+        return self
+
     def memory_note(self) -> str:
         """Nothing to add to a memory refusal: a tape stores no loop."""
         return ""

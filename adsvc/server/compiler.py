@@ -439,9 +439,10 @@ class Backend:
         graph = (lambda: entry.graph) if isinstance(entry.plan, TapePlan) else entry.graph
         return Compiled(entry, entry.inputs, entry.outputs, graph)  # a tape's: built if asked
 
-    def run(self, compiled: Compiled, feeds) -> dict[str, np.ndarray]:
+    def run(self, compiled: Compiled, feeds, outputs=None) -> dict[str, np.ndarray]:
         """{output name: value} of the compiled entry at `feeds` (a graph with symbolic
-        sizes is checked against the limits at these sizes first)."""
+        sizes is checked against the limits at these sizes first); every output is
+        evaluated (`outputs` is the recipes' hint, unused here)."""
         if isinstance(compiled.handle.plan, SymbolicPlan):
             self.compiler.runnable(compiled.handle, feeds)
         return evaluate(compiled.handle, feeds, self.interrupt)

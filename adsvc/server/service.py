@@ -21,6 +21,7 @@ import grpc
 import numpy as np
 
 from adsvc.interrupt import REFUSE_MARGIN
+from adsvc.runtime.buffers import SPARES
 from adsvc.server import errors as status_table
 from adsvc.server.compiler import (
     Backend,
@@ -561,8 +562,10 @@ class HeapTrimmer:
 
 
 def trim_heap() -> None:
-    """Give freed heap memory back to the system (glibc `malloc_trim`; elsewhere a
-    no-op): after a large request or a compile, RSS otherwise stays at its peak."""
+    """Give freed heap memory back to the system (the plans' spare buffers, then glibc
+    `malloc_trim`; elsewhere a no-op): after a large request or a compile, RSS
+    otherwise stays at its peak."""
+    SPARES.clear()
     libc = _libc()
     if libc is not None:
         libc.malloc_trim(0)

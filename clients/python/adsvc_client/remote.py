@@ -274,7 +274,8 @@ class RemoteClient(ClientBase):
             compiled.graph = self.graphs.decode(full.graph)
         return compiled.graph
 
-    def _run(self, compiled, feeds, timeout) -> dict[str, np.ndarray]:
+    def _run(self, compiled, feeds, timeout, outputs=None) -> dict[str, np.ndarray]:
+        # (the server evaluates every output: `outputs` is not sent)
         h: RemoteHandle = compiled.handle
         arrays = check_feeds(compiled.inputs, feeds)
         typed = [(name, sig[0], a) for (name, sig), a in zip(compiled.inputs.items(), arrays)]

@@ -35,9 +35,9 @@ class _Call:
         """The client's `_compile`, with this call's timeout."""
         return self.client._compile(g, modes, wrt, seed, self.timeout)
 
-    def run(self, compiled, feeds):
+    def run(self, compiled, feeds, outputs=None):
         """The client's `_run`, with this call's timeout."""
-        return self.client._run(compiled, feeds, self.timeout)
+        return self.client._run(compiled, feeds, self.timeout, outputs)
 
     def run_many(self, compiled, feeds):
         """The client's `_run_many`, with this call's timeout."""
@@ -64,8 +64,10 @@ class ClientBase:
                  seed: bool, timeout: float | None) -> Compiled:
         raise NotImplementedError
 
-    def _run(self, compiled: Compiled, feeds: Mapping[str, Any],
-             timeout: float | None) -> dict[str, np.ndarray]:
+    def _run(self, compiled: Compiled, feeds: Mapping[str, Any], timeout: float | None,
+             outputs: tuple[str, ...] | None = None) -> dict[str, np.ndarray]:
+        """{output: value}; `outputs`: the names the caller reads (None: all; the result
+        may hold more)."""
         raise NotImplementedError
 
     def _run_many(self, compiled: Compiled, feeds: Sequence[Mapping[str, Any]],
@@ -124,7 +126,8 @@ class ClientBase:
              inputs: Mapping[str, Any] | None = None, *,
              timeout: float | None = None, **kw) -> dict[str, np.ndarray]:
         """{wrt input: gradient} of a graph with exactly one scalar float output."""
-        return self.value_and_grad(g, wrt, mode, inputs, timeout=timeout, **kw)[1]
+        return recipes.value_and_grad(_Call(self, timeout), g, wrt, mode, _feeds(inputs, kw),
+                                      value=False)[1]
 
     def jvp(self, g, primals: Mapping[str, Any], tangents: Mapping[str, Any], *,
             timeout: float | None = None):

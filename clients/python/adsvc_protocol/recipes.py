@@ -65,8 +65,11 @@ class Backend(Protocol):
         float input), ready to run; `seed`: a first reverse pass takes no cotangent input."""
         ...
 
-    def run(self, compiled: Compiled, feeds: Feeds) -> dict[str, np.ndarray]:
-        """{output name: value} of the compiled graph at `feeds`."""
+    def run(self, compiled: Compiled, feeds: Feeds,
+            outputs: tuple[str, ...] | None = None) -> dict[str, np.ndarray]:
+        """{output name: value} of the compiled graph at `feeds`; `outputs`: the names
+        the caller reads (None: all), so a backend may skip what only the others need
+        (the result may still hold more)."""
         ...
 
     def run_many(self, compiled: Compiled,
@@ -167,18 +170,20 @@ def evaluate(b: Backend, g, feeds: Feeds) -> dict[str, np.ndarray]:
     return ordered(b.run(c, feeds), c.outputs)
 
 
-def value_and_grad(b: Backend, g, wrt, mode: str, feeds: Feeds):
+def value_and_grad(b: Backend, g, wrt, mode: str, feeds: Feeds, value: bool = True):
     """(value, {wrt input: gradient}) of a graph with exactly one scalar float output;
-    the output's name is `scalar_output(compiled.outputs)`."""
+    the output's name is `scalar_output(compiled.outputs)`. Without `value` (`grad`),
+    the value is None and a backend need not compute what only it needs."""
     if single_mode(mode) == REVERSE:
         c = b.compile(g, (REVERSE,), wrt_tuple(wrt), True)
-        out = b.run(c, feeds)
         picked = c.memo.get("value_and_grad")
-        if picked is None:  # (the value's name, [(wrt input, its gradient's name)])
-            picked = c.memo["value_and_grad"] = (scalar_output(c.outputs), [
-                (x, names.grad(x)) for x in names.bases(c.outputs, names.GRAD)])
-        name, grads = picked
-        return out[name], {x: out[k] for x, k in grads}
+        if picked is None:  # (the value's name, [(wrt input, its gradient's name)], those)
+            grads = [(x, names.grad(x)) for x in names.bases(c.outputs, names.GRAD)]
+            picked = c.memo["value_and_grad"] = (scalar_output(c.outputs), grads,
+                                                 tuple(k for _, k in grads))
+        name, grads, wanted = picked
+        out = b.run(c, feeds) if value else b.run(c, feeds, wanted)
+        return (out[name] if value else None), {x: out[k] for x, k in grads}
     c = bound(b.compile(g, (FORWARD,), wrt_tuple(wrt), False), feeds)
     name = scalar_output(c.outputs)
     xs = names.bases(c.inputs, names.TANGENT)
