@@ -194,6 +194,10 @@ def test_bad_requests(rpc):
            "InvalidRequestError", "graph")
     expect(lambda: rpc.Evaluate(S.EvaluateRequest()), INVALID, "InvalidRequestError",
            "source")
+    violation, _ = expect(lambda: rpc.Evaluate(S.EvaluateRequest(
+        graph=g, inputs={"x": to_tensor(3.0), "y": to_tensor(4.0)},
+        output_filter=["z", "grad:x"])), INVALID, "InvalidRequestError", "output_filter")
+    assert "'grad:x'" in violation.description and "'z'" in violation.description
     expect(lambda: rpc.Gradient(S.GradientRequest(graph=g, mode=7)), INVALID,
            "InvalidRequestError", "mode")
     # a handle compiled for another kind of derivative

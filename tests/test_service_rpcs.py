@@ -14,6 +14,7 @@ from service_fixtures import channel, running_server, seed_graph, stub
 import adsvc
 from adsvc.ir.codec import IR_VERSION, OPSET_VERSION
 from adsvc.ir.opdef import OPS
+from adsvc.runtime.plan import Plan
 from adsvc.server.config import ServerConfig
 from adsvc_protocol.proto import service_pb2 as S
 from adsvc_protocol.tensors import from_tensor, to_tensor
@@ -66,6 +67,34 @@ def test_evaluate_by_graph_and_by_handle(rpc):
         graph=seed_graph(), differentiation=S.Differentiation(modes=[S.MODE_FORWARD]),
         inputs={**XY, "tangent:x": to_tensor(1.0), "tangent:y": to_tensor(0.0)}))
     assert values(fwd.outputs) == {"z": 23.0, "tangent:z": 10.0}
+
+
+def test_evaluate_output_filter_runs_and_returns_only_those(rpc, server, monkeypatch):
+    """An Evaluate with output_filter returns just the named outputs (the gradient
+    without its value: the value's own steps are not run, `Plan.only`), equal to the
+    unfiltered call's; the SDK's grad sends it."""
+    n = 1 << 15  # a tensor graph: a plan of steps, not a tape
+    rng = np.random.default_rng(2)
+    x = rng.standard_normal(n)
+    g = adsvc.trace(lambda x: adsvc.sum(adsvc.sin(x) * x), x=adsvc.f64(n))
+    diff = S.Differentiation(modes=[S.MODE_REVERSE], seed=True)
+    full = rpc.Evaluate(S.EvaluateRequest(graph=adsvc.to_proto(g), differentiation=diff,
+                                          inputs={"x": to_tensor(x)}))
+    only = rpc.Evaluate(S.EvaluateRequest(handle=full.handle, inputs={"x": to_tensor(x)},
+                                          output_filter=["grad:x"]))
+    assert set(values(full.outputs)) == {"out", "grad:x"} and list(only.outputs) == ["grad:x"]
+    np.testing.assert_array_equal(from_tensor(only.outputs["grad:x"]),
+                                  from_tensor(full.outputs["grad:x"]))
+    small = adsvc.trace(lambda x: adsvc.sum(adsvc.sin(x) * x), x=adsvc.f64(8))
+    cuts = []
+    only_of = Plan.only
+    monkeypatch.setattr(Plan, "only", lambda self, names: cuts.append(names) or only_of(
+        self, names))
+    with adsvc.connect(server[1]) as c:  # the lean request (256 KiB) and a message
+        assert c.grad(g, x=x)["x"].tobytes() == from_tensor(full.outputs["grad:x"]).tobytes()
+        np.testing.assert_array_equal(c.grad(small, x=x[:8])["x"],
+                                      adsvc.local().grad(small, x=x[:8])["x"])
+    assert cuts == [("grad:x",)] * 3  # both SDK calls (and the local one) asked for less
 
 
 @pytest.mark.parametrize("mode", [S.MODE_REVERSE, S.MODE_FORWARD, S.MODE_UNSPECIFIED])

@@ -395,10 +395,18 @@ def _check_output_bytes(types, config: ServerConfig, what: str) -> None:
 
 
 def evaluate(entry: Entry, feeds: Mapping[str, np.ndarray],
-             interrupt: Callable[[], None] | None) -> dict[str, np.ndarray]:
-    """{output name: value} of the compiled entry at `feeds`; `interrupt` may raise to
-    stop the work."""
-    return entry.plan.run(feeds, interrupt=interrupt)
+             interrupt: Callable[[], None] | None,
+             outputs: tuple[str, ...] = ()) -> dict[str, np.ndarray]:
+    """{output name: value} of the compiled entry at `feeds` (only `outputs`, when given:
+    the plan cut to them); `interrupt` may raise to stop the work."""
+    if not outputs:
+        return entry.plan.run(feeds, interrupt=interrupt)
+    for name in outputs:
+        if name not in entry.outputs:
+            raise InvalidRequestError(
+                f"{name!r} is not an output of the compiled graph (its outputs: "
+                f"{', '.join(map(repr, entry.outputs))})", field="output_filter")
+    return entry.plan.bound(feeds).only(outputs).run(feeds, interrupt=interrupt)
 
 
 class Backend:

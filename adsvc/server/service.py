@@ -401,7 +401,7 @@ class AutodiffServicer(service_pb2_grpc.AutodiffServiceServicer):
         entry = self._source(request, call)
         feeds = decode_feeds(request.inputs, self.config)
         call.detail += _cost(self.compiler.runnable(entry, feeds))
-        values = evaluate(entry, feeds, call.interrupt)
+        values = evaluate(entry, feeds, call.interrupt, tuple(request.output_filter))
         if worth_it(values.values()):  # bytes, sent as they are (`_serialize`)
             resp = evaluate_response_bytes(entry, values)
         else:

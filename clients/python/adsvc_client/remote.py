@@ -275,8 +275,8 @@ class RemoteClient(ClientBase):
         return compiled.graph
 
     def _run(self, compiled, feeds, timeout, outputs=None) -> dict[str, np.ndarray]:
-        # (the server evaluates every output: `outputs` is not sent)
         h: RemoteHandle = compiled.handle
+        only = tuple(outputs or ())  # the request's output_filter
         arrays = check_feeds(compiled.inputs, feeds)
         typed = [(name, sig[0], a) for (name, sig), a in zip(compiled.inputs.items(), arrays)]
 
@@ -284,14 +284,15 @@ class RemoteClient(ClientBase):
             return {name: to_tensor(a, dt) for name, dt, a in typed}
         try:
             if worth_it(arrays):  # written around the arrays' buffers: one copy of each
-                resp = self._call("Evaluate", evaluate_request(h.handle, typed), timeout,
-                                  self._evaluate_bytes)
+                resp = self._call("Evaluate", evaluate_request(h.handle, typed, only),
+                                  timeout, self._evaluate_bytes)
             else:
                 resp = self._call("Evaluate", service_pb2.EvaluateRequest(
-                    handle=h.handle, inputs=tensors()), timeout)
+                    handle=h.handle, inputs=tensors(), output_filter=only), timeout)
         except E.HandleNotFoundError:  # evicted, restarted or another replica: re-send
             resp = self._call("Evaluate", service_pb2.EvaluateRequest(
-                graph=h.graph, differentiation=h.differentiation, inputs=tensors()), timeout)
+                graph=h.graph, differentiation=h.differentiation, inputs=tensors(),
+                output_filter=only), timeout)
             h.handle = resp.handle
         return _decode(resp.outputs)
 

@@ -66,11 +66,12 @@ def _tensor_map(number: int, tensors: list[tuple[str, str, object]]) -> list:
     return parts
 
 
-def evaluate_request(handle: str, inputs: list[tuple[str, str, object]]) -> bytes:
+def evaluate_request(handle: str, inputs: list[tuple[str, str, object]],
+                     output_filter: tuple[str, ...] = ()) -> bytes:
     """The serialized EvaluateRequest for `handle` with `inputs` [(name, dtype, value)]
-    (values already checked against the signature)."""
-    return b"".join([service_pb2.EvaluateRequest(handle=handle).SerializeToString(),
-                     *_tensor_map(_INPUTS, inputs)])
+    (values already checked against the signature) and `output_filter`."""
+    head = service_pb2.EvaluateRequest(handle=handle, output_filter=output_filter)
+    return b"".join([head.SerializeToString(), *_tensor_map(_INPUTS, inputs)])
 
 
 def evaluate_response(handle: str, outputs: list[tuple[str, str, object]]) -> bytes:
