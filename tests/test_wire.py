@@ -11,9 +11,10 @@ import pytest
 from service_fixtures import running_server
 
 import adsvc as ad
+from adsvc_protocol.proto import ir_pb2
 from adsvc_protocol.proto import service_pb2 as S
 from adsvc_protocol.tensors import from_tensor, to_tensor
-from adsvc_protocol.wire import evaluate_request
+from adsvc_protocol.wire import evaluate_request, evaluate_response, read_evaluate_response
 
 RNG = np.random.default_rng(0)
 CASES = [
@@ -76,3 +77,58 @@ def test_the_response_parses_to_the_protobuf_message():
     assert S.EvaluateResponse.FromString(raw) == want
     assert S.EvaluateResponse.FromString(evaluate_response("h", [])) == \
         S.EvaluateResponse(handle="h")
+
+
+def _read(buf: bytes) -> tuple[str, dict]:
+    """What read_evaluate_response gives, decoded: (handle, {name: (dtype, array)})."""
+    handle, outs = read_evaluate_response(buf)
+    return handle, {k: (t.dtype, list(t.dims), from_tensor(t, raw=raw))
+                    for k, (t, raw) in outs.items()}
+
+
+def _protobuf(buf: bytes) -> tuple[str, dict]:
+    msg = S.EvaluateResponse.FromString(buf)
+    return msg.handle, {k: (t.dtype, list(t.dims), from_tensor(t)) for k, t in msg.outputs.items()}
+
+
+def _same(a, b):
+    assert a[0] == b[0] and a[1].keys() == b[1].keys()
+    for k in a[1]:
+        assert a[1][k][:2] == b[1][k][:2], k
+        np.testing.assert_array_equal(a[1][k][2], b[1][k][2])
+        assert a[1][k][2].dtype == b[1][k][2].dtype, k
+
+
+def test_responses_read_in_place_equal_protobufs_parse():
+    """Every dtype and shape, the lean writer's bytes and protobuf's own, unknown fields,
+    a key given twice and a raw field given twice (the last counts, as in protobuf),
+    values instead of raw, and no handle: read_evaluate_response agrees with parsing,
+    and its arrays are views of the response bytes."""
+    lean = evaluate_response("h" * 64, CASES)
+    _same(_read(lean), _protobuf(lean))
+    handle, outs = read_evaluate_response(lean)
+    assert outs["large"][1].obj is lean  # the bytes themselves, not a copy
+    msg = S.EvaluateResponse(handle="abc", outputs={k: to_tensor(v, d) for k, d, v in CASES})
+    msg.outputs["listed"].CopyFrom(ir_pb2.Tensor(dtype=ir_pb2.DTYPE_FLOAT64, dims=[2],
+                                                 values=[1.5, -2.0]))
+    _same(_read(msg.SerializeToString()), _protobuf(msg.SerializeToString()))
+    t = ir_pb2.Tensor(dtype=ir_pb2.DTYPE_FLOAT64, dims=[1], raw=np.float64(1.0).tobytes())
+    twice = t.SerializeToString() + ir_pb2.Tensor(raw=np.float64(7.0).tobytes()).SerializeToString()
+    entry = S.EvaluateResponse(outputs={"a": t}).SerializeToString()
+    odd = (b"\x58\x05" + entry  # field 11 (unknown) as a varint
+           + S.EvaluateResponse(outputs={"a": ir_pb2.Tensor.FromString(twice)}).SerializeToString())
+    _same(_read(odd), _protobuf(odd))
+    assert _read(odd)[1]["a"][2].tolist() == [7.0]
+    assert _read(b"") == ("", {})
+
+
+def test_malformed_responses_raise_as_protobuf_does():
+    good = evaluate_response("h", [("x", "float64", np.arange(4.0))])
+    for bad in (good[:-3], good[:5], b"\x0a\xff\xff\xff\xff\x0f", b"\x0b", b"\x08\x01"):
+        try:
+            want = _protobuf(bad)
+        except Exception as e:  # protobuf refuses it: the reader raises the same
+            with pytest.raises(type(e)):
+                _read(bad)
+        else:
+            _same(_read(bad), want)

@@ -42,7 +42,7 @@ from adsvc_protocol.modes import TO_ENUM
 from adsvc_protocol.proto import ir_pb2, service_pb2, service_pb2_grpc
 from adsvc_protocol.secrets import read_secret_file
 from adsvc_protocol.tensors import dtype_from_enum, from_tensor, shape_from_proto, to_tensor
-from adsvc_protocol.wire import evaluate_request, worth_it
+from adsvc_protocol.wire import LEAN_BYTES, evaluate_request, read_evaluate_response, worth_it
 
 SERVICE = "adsvc.v1.AutodiffService"
 DEFAULT_MAX_MESSAGE_BYTES = 64 * 1024 * 1024
@@ -132,6 +132,19 @@ def _encode_feeds(compiled: Compiled, feeds: Mapping[str, object],
     return {name: to_tensor(a, sig[0]) for (name, sig), a in zip(compiled.inputs.items(), arrays)}
 
 
+def _serialized(request) -> bytes:
+    return request if isinstance(request, bytes) else request.SerializeToString()
+
+
+def _outputs(response: bytes) -> tuple[str, dict]:
+    """(handle, {output: (Tensor, raw bytes)}) of an Evaluate response's bytes: large
+    ones read in place (`read_evaluate_response`), small ones parsed by protobuf."""
+    if len(response) >= LEAN_BYTES:
+        return read_evaluate_response(response)
+    msg = service_pb2.EvaluateResponse.FromString(response)
+    return msg.handle, {k: (t, None) for k, t in msg.outputs.items()}
+
+
 def _decode(tensors: Mapping[str, ir_pb2.Tensor]) -> dict[str, np.ndarray]:
     return {name: from_tensor(t, f"outputs.{name}", E.AdsvcError) for name, t in tensors.items()}
 
@@ -187,10 +200,11 @@ class RemoteClient(ClientBase):
                          if secure is not None
                          else grpc.insecure_channel(target, options=opts))
         self._stub = service_pb2_grpc.AutodiffServiceStub(self._channel)
-        # Evaluate with the request already serialized (adsvc_protocol.wire)
-        self._evaluate_bytes = self._channel.unary_unary(
-            "/adsvc.v1.AutodiffService/Evaluate", request_serializer=None,
-            response_deserializer=service_pb2.EvaluateResponse.FromString)
+        # Evaluate on bytes both ways: requests a message or already serialized, responses
+        # read by `_outputs` (adsvc_protocol.wire: tensors as views of the bytes)
+        self._evaluate = self._channel.unary_unary(
+            "/adsvc.v1.AutodiffService/Evaluate", request_serializer=_serialized,
+            response_deserializer=None)
         # what a cached entry holds: the graph kept for re-sending, or a sparsity pattern
         self.cache = LRUCache(cache_size, max_cache_bytes)
         self._stream_feeds: int | None = None  # the server's max_stream_feeds, once known
@@ -284,17 +298,18 @@ class RemoteClient(ClientBase):
             return {name: to_tensor(a, dt) for name, dt, a in typed}
         try:
             if worth_it(arrays):  # written around the arrays' buffers: one copy of each
-                resp = self._call("Evaluate", evaluate_request(h.handle, typed, only),
-                                  timeout, self._evaluate_bytes)
+                request = evaluate_request(h.handle, typed, only)
             else:
-                resp = self._call("Evaluate", service_pb2.EvaluateRequest(
-                    handle=h.handle, inputs=tensors(), output_filter=only), timeout)
+                request = service_pb2.EvaluateRequest(handle=h.handle, inputs=tensors(),
+                                                      output_filter=only)
+            handle, outs = _outputs(self._call("Evaluate", request, timeout, self._evaluate))
         except E.HandleNotFoundError:  # evicted, restarted or another replica: re-send
-            resp = self._call("Evaluate", service_pb2.EvaluateRequest(
+            handle, outs = _outputs(self._call("Evaluate", service_pb2.EvaluateRequest(
                 graph=h.graph, differentiation=h.differentiation, inputs=tensors(),
-                output_filter=only), timeout)
-            h.handle = resp.handle
-        return _decode(resp.outputs)
+                output_filter=only), timeout, self._evaluate))
+            h.handle = handle
+        return {name: from_tensor(t, f"outputs.{name}", E.AdsvcError, raw=raw)
+                for name, (t, raw) in outs.items()}
 
     def _stream_chunk(self, timeout) -> int:
         """Feeds per EvaluateStream call: the server's max_stream_feeds (asked once per

@@ -86,8 +86,9 @@ def raw_array(value, dtype: str) -> np.ndarray:
 
 
 def from_tensor(t: ir_pb2.Tensor, where: str = "", error=InputError,
-                max_elements: int | None = None) -> np.ndarray:
-    """Decode a Tensor; errors name `where` and say what is inconsistent."""
+                max_elements: int | None = None, raw=None) -> np.ndarray:
+    """Decode a Tensor; errors name `where` and say what is inconsistent. `raw`: its raw
+    bytes when read separately (`wire.read_evaluate_response`: a view, not copied)."""
     dt = dtype_from_enum(t.dtype, where, error)
     dims = tuple(int(d) for d in t.dims)
     if any(d < 0 for d in dims):
@@ -99,7 +100,7 @@ def from_tensor(t: ir_pb2.Tensor, where: str = "", error=InputError,
         raise LimitExceededError(f"tensor has {n} elements; the limit is {max_elements}",
                                  field=where)
     np_dt = dtypes.to_numpy(dt)
-    raw = t.raw  # read once: each read of a bytes field may copy it
+    raw = t.raw if raw is None else raw  # read once: each read of a bytes field copies it
     if raw and len(t.values):
         raise error("set either raw or values, not both", field=where)
     if len(t.values):

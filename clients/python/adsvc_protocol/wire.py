@@ -1,4 +1,5 @@
-"""Request bytes written around the tensors' own buffers (the lean wire path).
+"""Messages written around the tensors' own buffers, and read without copying them
+(the lean wire path).
 
 Encoding an EvaluateRequest the usual way copies each tensor's bytes three times
 (`tobytes`, into the Tensor message, into the request's map) before
@@ -9,18 +10,21 @@ small parts (handle, map keys, dtype, dims) are serialized by protobuf itself an
 raw field's tag and length are written here, so the tensors' arrays go straight into
 one `bytes.join`. The result parses to exactly the message `EvaluateRequest(handle=...,
 inputs={name: to_tensor(...)})` (or the response) would be (tests/test_wire.py).
+`read_evaluate_response` (the SDK) reads a response's tensors as views of the received
+bytes: protobuf's parse copies them, and so does every read of a Tensor's raw field.
 """
 
 from __future__ import annotations
 
 import numpy as np
+from google.protobuf.message import DecodeError
 
 from adsvc_protocol.proto import ir_pb2, service_pb2
 from adsvc_protocol.tensors import TO_ENUM, raw_array
 
 # field numbers (protos/adsvc/v1/service.proto, ir.proto); wire type 2 = length-delimited
 _HANDLE, _INPUTS = 2, 4  # EvaluateRequest.handle, EvaluateRequest.inputs (a map)
-_OUTPUTS = 1  # EvaluateResponse.outputs (a map)
+_OUTPUTS, _HANDLE_OUT = 1, 2  # EvaluateResponse.outputs (a map), EvaluateResponse.handle
 _KEY, _VALUE = 1, 2  # a map entry's key and value
 _RAW = 3  # Tensor.raw
 # below this many tensor bytes in all, protobuf's own encoding is faster (its C code
@@ -80,3 +84,80 @@ def evaluate_response(handle: str, outputs: list[tuple[str, str, object]]) -> by
     `to_tensor` does)."""
     return b"".join([*_tensor_map(_OUTPUTS, outputs),
                      service_pb2.EvaluateResponse(handle=handle).SerializeToString()])
+
+
+# -- reading a response without copying its tensors -------------------------------------
+def _varint_at(buf: bytes, pos: int) -> tuple[int, int]:
+    """(value, position after it) of the varint at `pos`."""
+    value = shift = 0
+    while True:
+        b = buf[pos]
+        pos += 1
+        value |= (b & 0x7F) << shift
+        if not b & 0x80:
+            return value, pos
+        shift += 7
+        if shift > 63:
+            raise ValueError("varint too long")
+
+
+def _fields(buf: bytes, start: int, end: int, wanted=(1, 2)):
+    """(field number, start of its tag, start of its value, end) of each field in
+    buf[start:end]; the `wanted` ones must be length-delimited (buf[value:end])."""
+    pos = start
+    while pos < end:
+        at = pos
+        tag, pos = _varint_at(buf, pos)
+        kind = tag & 7
+        if kind == 0:
+            _, after = _varint_at(buf, pos)
+        elif kind == 1:
+            after = pos + 8
+        elif kind == 5:
+            after = pos + 4
+        elif kind == 2:
+            length, pos = _varint_at(buf, pos)
+            after = pos + length
+        else:
+            raise ValueError(f"wire type {kind}")
+        if after > end:
+            raise ValueError("truncated field")
+        if kind != 2 and (tag >> 3) in wanted:  # a known field of another wire type
+            raise ValueError(f"field {tag >> 3}: wire type {kind}")
+        yield tag >> 3, at, pos, after
+        pos = after
+
+
+def _tensor_parts(buf: bytes, start: int, end: int) -> tuple[ir_pb2.Tensor, memoryview]:
+    """The Tensor in buf[start:end] without its raw bytes, and those bytes (a view)."""
+    small, raw, pos = [], memoryview(b""), start
+    for number, at, value, after in _fields(buf, start, end, (_RAW,)):
+        if number == _RAW:  # (the last one counts, as in protobuf)
+            small.append(buf[pos:at])
+            raw, pos = memoryview(buf)[value:after], after
+    small.append(buf[pos:end])
+    return ir_pb2.Tensor.FromString(b"".join(small)), raw
+
+
+def read_evaluate_response(buf: bytes) -> tuple[str, dict[str, tuple]]:
+    """(handle, {output: (Tensor without raw, raw bytes as a view of `buf`)}) of a
+    serialized EvaluateResponse: the tensors' bytes are not copied (protobuf's parse
+    and each read of a bytes field copy them). Anything malformed is parsed by
+    protobuf instead, which raises its own error."""
+    try:
+        handle, outputs = "", {}
+        for number, _, value, after in _fields(buf, 0, len(buf)):
+            if number == _OUTPUTS:
+                key, tensor = "", (ir_pb2.Tensor(), memoryview(b""))
+                for n, _, v, a in _fields(buf, value, after):
+                    if n == _KEY:
+                        key = buf[v:a].decode("utf-8")
+                    elif n == _VALUE:
+                        tensor = _tensor_parts(buf, v, a)
+                outputs[key] = tensor
+            elif number == _HANDLE_OUT:
+                handle = buf[value:after].decode("utf-8")
+        return handle, outputs
+    except (ValueError, IndexError, UnicodeDecodeError, DecodeError):
+        msg = service_pb2.EvaluateResponse.FromString(buf)  # raises its DecodeError
+        return msg.handle, {k: (t, memoryview(t.raw)) for k, t in msg.outputs.items()}
