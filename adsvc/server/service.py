@@ -245,11 +245,14 @@ class AutodiffServicer(service_pb2_grpc.AutodiffServiceServicer):
             self._calls.discard(call)
         m = self.metrics
         m.in_flight.dec()
-        m.calls.labels(call.rpc, call.status).inc()
-        m.latency.labels(call.rpc).observe(time.perf_counter() - call.start)
-        log.info("rpc=%s request_id=%s status=%s ms=%.1f peer=%s%s", call.rpc, call.request_id,
-                 call.status, (time.perf_counter() - call.start) * 1000, call.context.peer(),
-                 call.detail)
+        m.of(m.calls, call.rpc, call.status).inc()
+        m.of(m.latency, call.rpc).observe(time.perf_counter() - call.start)
+        if log.isEnabledFor(logging.INFO):  # the access line (no caller lookup: `_end` it is)
+            log.handle(log.makeRecord(
+                log.name, logging.INFO, __file__, 0, "rpc=%s request_id=%s status=%s "
+                "ms=%.1f peer=%s%s", (call.rpc, call.request_id, call.status,
+                                      (time.perf_counter() - call.start) * 1000,
+                                      call.context.peer(), call.detail), None, "_end"))
         if call.large or " cache=miss" in call.detail:
             TRIMMER.note()  # big requests and compiles leave freed memory the allocator keeps
 

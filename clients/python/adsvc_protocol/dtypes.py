@@ -10,11 +10,12 @@ FLOATS = frozenset({FLOAT64, FLOAT32})
 INTS = frozenset({INT64, INT32})
 
 _NP = {d: np.dtype(d) for d in DTYPES}
+_LITTLE = {d: t.newbyteorder("<") for d, t in _NP.items()}
 
 
 def to_numpy(dtype: str) -> np.dtype:
     """The little-endian numpy dtype of an IR dtype name."""
-    return _NP[dtype].newbyteorder("<")
+    return _LITTLE[dtype]
 
 
 def from_numpy(dt) -> str:
