@@ -105,8 +105,10 @@ HERE = Path(__file__).resolve().parent
 MAX_INNER = 20_000  # calls per sample, at most
 TOL64, TOL32 = 1e-10, 1e-4
 QUICK = dict(w2=10_000, rosen=100_000, gmm_n=200, seed_calls=300, big_calls=5,
+             throughput_calls=10, throughput_windows=3,
              budget=1.5, target=0.005)
 FULL = dict(w2=100_000, rosen=1_000_000, gmm_n=1000, seed_calls=2000, big_calls=25,
+            throughput_calls=40, throughput_windows=5,
             budget=8.0, target=0.02)
 BIG_NODES = 1_000_000
 BIG_TIMEOUT = 600.0  # seconds for the --big child
@@ -1125,11 +1127,36 @@ def _w5_rows(cfg, grp, client, local, echo, seed_g, rg, x, reqs, refs) -> list[R
             f"{fmt_s(echo_t)} + {fmt_s(remote - inproc - echo_t)} of adsvc's own wire "
             f"path (target: remote <= in-process + 1.5 x echo = "
             f"{fmt_s(inproc + 1.5 * echo_t)})")
+    rows.append(_throughput_row(cfg, sdk_seed, lambda: seed_echo(reqs[0], timeout=60)))
     for r in rows[:1]:
         grp.notes.append(f"W5 seed per-call latency p90/p99: adsvc "
                          f"{_pct(r.a_times, 90)}/{_pct(r.a_times, 99)}, echo "
                          f"{_pct(r.p_times, 90)}/{_pct(r.p_times, 99)}")
     return rows
+
+
+THROUGHPUT_THREADS = 8
+
+
+def _throughput_row(cfg, sdk_call, echo_call) -> Row:
+    """Seed calls from THROUGHPUT_THREADS client threads at once, in alternating windows
+    of adsvc and echo; each window's seconds per call (elapsed / calls), so the ratio is
+    adsvc's throughput / echo's (target >= 0.7). Bounded: `throughput_windows` windows
+    of `throughput_calls` calls per thread."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    per = cfg["throughput_calls"]
+    times: dict[str, list[float]] = {"adsvc": [], "echo": []}
+    with ThreadPoolExecutor(THROUGHPUT_THREADS) as pool:
+        for _ in range(cfg["throughput_windows"]):
+            for label, fn in (("adsvc", sdk_call), ("echo", echo_call)):
+                t0 = time.perf_counter()
+                list(pool.map(lambda _, fn=fn: [fn() for _ in range(per)],
+                              range(THROUGHPUT_THREADS)))
+                times[label].append((time.perf_counter() - t0) / (per * THROUGHPUT_THREADS))
+    return Row(f"W5 seed grad, {THROUGHPUT_THREADS} client threads: seconds per call "
+               "(1 / throughput)", "adsvc.connect() value_and_grad", times["adsvc"],
+               "bare grpcio echo of the same bytes", times["echo"], "—")
 
 
 def _pct(ts, q) -> str:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import sys
 
 import numpy as np
 
@@ -17,6 +18,7 @@ TO_ENUM = {
     dtypes.BOOL: ir_pb2.DTYPE_BOOL,
 }
 FROM_ENUM = {v: k for k, v in TO_ENUM.items()}
+_LITTLE_ENDIAN = sys.byteorder == "little"  # raw bytes are this machine's order
 
 
 def dtype_from_enum(value: int, where: str = "", error=InputError) -> str:
@@ -81,8 +83,7 @@ def to_tensor(value, dtype: str | None = None) -> ir_pb2.Tensor:
 def raw_array(value, dtype: str) -> np.ndarray:
     """`value` as the array a Tensor's raw bytes hold: of `dtype`, C order, little-endian
     (0-d shapes kept)."""
-    arr = np.asarray(value, dtype=dtypes.to_numpy(dtype), order="C")
-    return arr.astype(arr.dtype.newbyteorder("<"), copy=False)
+    return np.asarray(value, dtype=dtypes.to_numpy(dtype), order="C")  # (to_numpy: "<")
 
 
 def from_tensor(t: ir_pb2.Tensor, where: str = "", error=InputError,
@@ -90,8 +91,8 @@ def from_tensor(t: ir_pb2.Tensor, where: str = "", error=InputError,
     """Decode a Tensor; errors name `where` and say what is inconsistent. `raw`: its raw
     bytes when read separately (`wire.read_evaluate_response`: a view, not copied)."""
     dt = dtype_from_enum(t.dtype, where, error)
-    dims = tuple(int(d) for d in t.dims)
-    if any(d < 0 for d in dims):
+    dims = tuple(t.dims)  # (ints: repeated int64)
+    if dims and min(dims) < 0:
         raise error(f"negative dimension in {list(dims)}", field=where)
     n = math.prod(dims)  # exact: np.prod in int64 would wrap for huge dims
     if n >= 2**62:
@@ -101,9 +102,9 @@ def from_tensor(t: ir_pb2.Tensor, where: str = "", error=InputError,
                                  field=where)
     np_dt = dtypes.to_numpy(dt)
     raw = t.raw if raw is None else raw  # read once: each read of a bytes field copies it
-    if raw and len(t.values):
-        raise error("set either raw or values, not both", field=where)
     if len(t.values):
+        if raw:
+            raise error("set either raw or values, not both", field=where)
         if len(t.values) != n:
             raise error(f"{len(t.values)} values for shape {list(dims)} ({n} elements)",
                         field=where)
@@ -120,4 +121,4 @@ def from_tensor(t: ir_pb2.Tensor, where: str = "", error=InputError,
         arr = arr.copy()
     if dt == dtypes.BOOL and arr.size and arr.view(np.uint8).max() > 1:
         raise error("bool bytes must be 0 or 1", field=where)
-    return arr.astype(np_dt.newbyteorder("="), copy=False)
+    return arr if _LITTLE_ENDIAN else arr.astype(np_dt.newbyteorder("="), copy=False)
