@@ -239,3 +239,23 @@ def test_grad_runs_without_the_value():
     assert "sum" not in {node.op for *_, node in cut.steps}
     s = ad.trace(lambda x, y: x * y + ad.sin(x), x=ad.f64(), y=ad.f64())  # a tape
     assert c.grad(s, x=0.5, y=2.0) == c.value_and_grad(s, x=0.5, y=2.0)[1]
+
+
+def test_broadcast_regions_equal_unfused_plans_exactly(monkeypatch):
+    """Regions whose leaves broadcast ((64,1,32) against (1,40,32) and (40,1)), as the
+    Gaussian mixture's, and their reverse-mode graph: fused equals unfused exactly."""
+    def fn(a, b, s):
+        z = (a - b) * s
+        return ad.sum(ad.where(z > 0.0, z * z, -z) / (1.0 + ad.abs(b)))
+    g = ad.trace(fn, a=ad.f64(64, 1, 32), b=ad.f64(1, 40, 32), s=ad.f64(40, 1))
+    rng = np.random.default_rng(12)
+    feeds = {"a": _awkward(rng, 64 * 32).reshape(64, 1, 32),
+             "b": _awkward(rng, 40 * 32).reshape(1, 40, 32), "s": rng.standard_normal((40, 1))}
+    for graph in (g, compile_graph(g, ("reverse",), None, True)):
+        fused, plain = Plan(graph), _plain(graph, monkeypatch)
+        assert any(isinstance(step[0], FusedKernel) and len({nodes.shape for nodes in
+                   (graph.nodes[s] for s in step[1])}) > 1 for step in fused.steps)
+        for _ in range(2):
+            got, want = fused.run(feeds), plain.run(feeds)
+            for k in want:
+                _identical(got[k], want[k], k)
