@@ -171,6 +171,26 @@ def test_vjp_of_several_outputs_sharing_nodes_and_odd_outputs():
             assert float(got["grad:z"]) == 0.0 and not np.signbit(float(got["grad:z"]))
 
 
+def test_a_tape_without_instructions():
+    """Outputs that are inputs (here one through neg(neg(x)), which simplifies to x): no
+    instruction at all. The empty program's placeholder once was a copy r0 = r0, and the
+    adjoint sweep doubled the seed through it (a VJP of 2 for y = x; found by
+    test_random_graphs)."""
+    g = ad.trace(lambda x, y: {"out": ad.neg(ad.neg(x)), "y": y}, x=ad.f64(), y=ad.f64())
+    feeds = {"x": 0.25, "y": -4.0}
+    for modes, seed in MODES[1:]:
+        tape, want_plan = _tape(g, modes, seed), _general(g, modes, seed)
+        assert tape.count == 0
+        feeds_all = _with_seeds(tape, feeds)
+        got, want = tape.run(feeds_all), want_plan.run(feeds_all)
+        assert {k: float(v) for k, v in got.items()} == {k: float(v) for k, v in want.items()}
+    c = ad.local()
+    assert c.vjp(g, feeds, {"out": 3.0, "y": 0.5})[1] == {"x": 3.0, "y": 0.5}
+    assert c.jvp(g, feeds, {"x": 2.0, "y": 1.0})[1] == {"out": 2.0, "y": 1.0}
+    one = ad.trace(lambda x: ad.neg(ad.neg(x)), x=ad.f64())
+    assert c.value_and_grad(one, x=1.5) == (1.5, {"x": 1.0})
+
+
 def test_wrt_subset_and_errors_are_those_of_the_general_path():
     g = ad.trace(lambda x, y: x * y + ad.sin(x), x=ad.f64(), y=ad.f64())
     t = _tape(g, ("reverse",), True, wrt=("y",))

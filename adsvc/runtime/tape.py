@@ -46,8 +46,10 @@ class TapePlan:
         forward mode); `flat`: `scalar_vm.flatten(primal)`."""
         code, template, n_regs, roots = flat
         self.mode, self.seed, self._build = mode, seed, build
+        # (no instructions: an empty program, not a placeholder — a copy r0 = r0 there
+        # made `whole`'s adjoint sweep double the seed of an output that is an input)
         self.code = np.frombuffer(code, dtype=np.int32).reshape(-1, 5) if code else \
-            np.zeros((1, 5), np.int32)
+            np.zeros((0, 5), np.int32)
         self.count = len(code) // 20
         self.template = np.frombuffer(template, dtype=np.float64).copy()
         self.n_regs = n_regs
