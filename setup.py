@@ -32,7 +32,8 @@ class BuildWithProtos(build_py):
 SCALAR_VM = Extension("adsvc.runtime._scalarvm",
                       [f"adsvc/runtime/{f}.c" for f in
                        ("_scalarvm", "_vmflatten", "_vmsweeps", "_vmblocks")],
-                      depends=["adsvc/runtime/_scalarvm.h"],
+                      depends=["adsvc/runtime/_scalarvm.h",
+                               "adsvc/runtime/_vmblocks_typed.h"],
                       extra_compile_args=["-O3", "-ffp-contract=off", "-fno-math-errno"],
                       optional=True)
 

@@ -173,11 +173,14 @@ def _mul_or_zero(a, b, out=None):
     out = np.multiply(a, b) if out is None else np.multiply(a, b, out=out)
     # 0 * inf is the only way a zero factor gives NaN, so a product without NaN needs no
     # fix-up; the scalar test is cheap, which matters on scalar-heavy graphs.
+    # Per element, as the VMs decide: 0 where a factor is 0 and the product is NaN (a zero
+    # product elsewhere keeps its IEEE sign).
     if (out != out) if out.ndim == 0 else np.isnan(out).any():
+        zero = ((a == 0) | (b == 0)) & (out != out)
         if out.ndim == 0:
-            out = np.where((a == 0) | (b == 0), np.zeros((), out.dtype), out)
-        else:  # in place: the same values as np.where(mask, 0, out)
-            np.copyto(out, np.zeros((), out.dtype), where=(a == 0) | (b == 0))
+            out = np.where(zero, np.zeros((), out.dtype), out)
+        else:  # in place: the same values as np.where(zero, 0, out)
+            np.copyto(out, np.zeros((), out.dtype), where=zero)
     return out
 
 

@@ -2,11 +2,13 @@
 
 An elementwise op on large arrays makes numpy read its operands and write a full new
 array, so a chain of k ops streams about 3k arrays through memory and allocates k
-temporaries. A plan fuses maximal regions of large float64 elementwise steps where
-every inner value has a single user and is not an output; the region's leaves (inputs,
-constants, other steps' results: same shape, or a single value) are the registers of a
-small program that `_vmblocks.c` runs block by block (512 elements per register, in
-the cache): the leaves and the result pass through memory once.
+temporaries. A plan fuses maximal regions of large float64 (or float32: a region
+computes in one type) elementwise steps where every inner value has a single user and
+is not an output; the region's leaves (inputs, constants, other steps' results: any
+shape that broadcasts to the region's, any strides) are the registers of a small
+program that `_vmblocks.c` runs block by block (512 elements per register, in the
+cache): the leaves and the result pass through memory once. A single op is run so too:
+it skips numpy's temporary, and mul_or_zero's separate NaN pass.
 
 Only ops whose C form is bit-identical to the numpy kernel are fused: +, -, *, /,
 negation, square (x*x), reciprocal (1/x), abs, sqrt (IEEE-exact), comparisons, where,
@@ -36,7 +38,8 @@ MIN_OPS = 1  # one op too: no numpy temporary, no separate NaN pass of mul_or_ze
 FUSABLE = ("add", "sub", "mul", "div", "neg", "square", "reciprocal", "abs", "sqrt",
            "lt", "le", "gt", "ge", "eq", "ne", "where", "mul_or_zero")
 COMPARISONS = ("lt", "le", "gt", "ge", "eq", "ne")
-TYPES = ("float64", "bool")
+FLOATS = ("float64", "float32")  # a region computes in its root's type
+TYPES = (*FLOATS, "bool")
 MAX_OPS = 64  # instructions per region: its scratch registers stay in the cache
 
 
@@ -57,7 +60,7 @@ def _fusable(node) -> bool:
         return False
     if node.op == "where" or node.op in COMPARISONS:
         return all(i.dtype in TYPES for i in node.inputs)
-    return node.dtype == "float64" and all(i.dtype == "float64" for i in node.inputs)
+    return node.dtype in FLOATS and all(i.dtype == node.dtype for i in node.inputs)
 
 
 def _leaf_ok(leaf, shape) -> bool:
@@ -118,9 +121,12 @@ def _rewrite(steps: list, nodes: list, groups: list[list[int]]) -> list:
 
 def _compile(steps: list, nodes: list, group: list[int]) -> tuple | None:
     """(kernel, leaf slots, root slot, root node) of one region, or None (a leaf that
-    cannot be a register, a root that is not float64)."""
+    cannot be a register, a bool root, values of two float types)."""
     root = steps[group[-1]]
-    if root[3].dtype != "float64":
+    kind = root[3].dtype
+    if kind not in FLOATS or any(
+            n.dtype not in (kind, "bool") or any(i.dtype not in (kind, "bool") for i in n.inputs)
+            for n in (steps[k][3] for k in group)):
         return None
     leaves = []
     for k in group:
@@ -130,7 +136,8 @@ def _compile(steps: list, nodes: list, group: list[int]) -> tuple | None:
                     return None
                 leaves.append(s)
     program, temps = _program(steps, group, leaves)
-    return FusedKernel(program, temps, root[3].shape), tuple(leaves), root[2], root[3]
+    return (FusedKernel(program, temps, root[3].shape, np.dtype(kind)), tuple(leaves), root[2],
+            root[3])
 
 
 def _program(steps: list, group: list[int], leaves: list[int]) -> tuple[bytes, int]:
@@ -172,13 +179,14 @@ class FusedKernel:
 
     accepts_out = True
 
-    def __init__(self, program: bytes, temps: int, shape):
+    def __init__(self, program: bytes, temps: int, shape, dtype=np.float64):
         self.program, self.temps, self.shape = program, temps, tuple(shape)
+        self.dtype = np.dtype(dtype)
         self.ops = len(program) // 20
 
     def __call__(self, *operands, out=None):
         if out is None:
-            out = np.empty(self.shape)
+            out = np.empty(self.shape, self.dtype)
         shape = self.shape
         leaves = tuple(v if type(v) is np.ndarray and v.dtype.isnative and
                        (v.shape == shape or v.size == 1) else _leaf(v, shape)
