@@ -85,6 +85,9 @@ def test_evaluate_output_filter_runs_and_returns_only_those(rpc, server, monkeyp
     assert set(values(full.outputs)) == {"out", "grad:x"} and list(only.outputs) == ["grad:x"]
     np.testing.assert_array_equal(from_tensor(only.outputs["grad:x"]),
                                   from_tensor(full.outputs["grad:x"]))
+    seed = rpc.Evaluate(S.EvaluateRequest(  # a scalar graph's tape computes every output
+        graph=seed_graph(), differentiation=diff, inputs=XY, output_filter=["grad:y"]))
+    assert values(seed.outputs) == {"grad:y": 3.0}
     small = adsvc.trace(lambda x: adsvc.sum(adsvc.sin(x) * x), x=adsvc.f64(8))
     cuts = []
     only_of = Plan.only

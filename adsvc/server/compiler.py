@@ -408,7 +408,8 @@ def evaluate(entry: Entry, feeds: Mapping[str, np.ndarray],
             raise InvalidRequestError(
                 f"{name!r} is not an output of the compiled graph (its outputs: "
                 f"{', '.join(map(repr, entry.outputs))})", field="output_filter")
-    return entry.plan.bound(feeds).only(outputs).run(feeds, interrupt=interrupt)
+    values = entry.plan.bound(feeds).only(outputs).run(feeds, interrupt=interrupt)
+    return {name: values[name] for name in dict.fromkeys(outputs)}  # (a tape runs all)
 
 
 class Backend:
