@@ -128,10 +128,10 @@ def _compile(steps: list, nodes: list, group: list[int]) -> tuple | None:
             n.dtype not in (kind, "bool") or any(i.dtype not in (kind, "bool") for i in n.inputs)
             for n in (steps[k][3] for k in group)):
         return None
-    leaves = []
+    made, leaves = {steps[k][2] for k in group}, []
     for k in group:
         for s in steps[k][1]:
-            if s not in leaves and not any(steps[j][2] == s for j in group):
+            if s not in leaves and s not in made:
                 if not _leaf_ok(nodes[s], root[3].shape):
                     return None
                 leaves.append(s)
@@ -198,8 +198,9 @@ class FusedKernel:
 def fuse_pad_sums(steps: list, nodes: list, keep: set[int]) -> list:
     """add(pad(a), pad(b)) — the cotangent of a value read through two slices, as
     reverse mode builds it — as one step that writes a into a zeroed array and adds b
-    in place: one full-size array instead of three. Bit-identical: where only one pad
-    covers, the sum was that value plus an exact 0; where both cover, a + b."""
+    in place: one full-size array instead of three. The same values: where only one pad
+    covers, that value (the sum added an exact 0, which also turned a -0.0 into +0.0);
+    where both cover, a + b."""
     users = _users(steps)
     made = {out: k for k, (_, _, out, _) in enumerate(steps)}
     drop, new = set(), {}

@@ -77,7 +77,7 @@ class Program:
             elif n.op != "input":
                 ops = [slot[id(x)] for x in n.inputs] + [i, i, i]
                 code.append((OPCODES[n.op], i, ops[0], ops[1], ops[2]))
-        self.code = np.array(code or [(0, 0, 0, 0, 0)], dtype=np.int32)
+        self.code = np.array(code, dtype=np.int32).reshape(-1, 5)  # (none: empty, as a tape's)
         self.count = len(code)
         self.max_reg = max(len(nodes) - 1, 0)
         self.input_slots = input_slots
@@ -147,7 +147,7 @@ def whole(arrays: tuple, inputs, seeds, backward: bool) -> tuple[list, list]:
 
 
 def blocks(program: bytes, leaves: tuple, out: np.ndarray, temps: int) -> None:
-    """A fused elementwise region (`runtime.fusion`) into `out`, block by block
-    (`_vmblocks.c`): leaves are C-contiguous float64/bool arrays of out's size or of one
-    element."""
+    """A fused elementwise region (`runtime.fusion`) into `out` (float64 or float32),
+    block by block (`_vmblocks.c`): leaves are arrays of out's type or bool, of out's
+    size (any strides) or of one element."""
     _scalarvm.blocks(program, leaves, out, temps)

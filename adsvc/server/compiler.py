@@ -452,11 +452,11 @@ class Backend:
 
     def run(self, compiled: Compiled, feeds, outputs=None) -> dict[str, np.ndarray]:
         """{output name: value} of the compiled entry at `feeds` (a graph with symbolic
-        sizes is checked against the limits at these sizes first); every output is
-        evaluated (`outputs` is the recipes' hint, unused here)."""
+        sizes is checked against the limits at these sizes first); only `outputs` when
+        given (`evaluate`)."""
         if isinstance(compiled.handle.plan, SymbolicPlan):
             self.compiler.runnable(compiled.handle, feeds)
-        return evaluate(compiled.handle, feeds, self.interrupt)
+        return evaluate(compiled.handle, feeds, self.interrupt, tuple(outputs or ()))
 
     def run_many(self, compiled: Compiled, feeds) -> list[dict[str, np.ndarray]]:
         """One {output name: value} per set of feeds, evaluated in turn."""

@@ -33,12 +33,12 @@ class Metrics:
         self.refused = Counter("adsvc_refused", "Calls refused with RESOURCE_EXHAUSTED, by "
                                "the part of the request (or 'busy')", ("reason",), registry=r)
         self.in_flight = Gauge("adsvc_calls_in_flight", "Calls being handled", registry=r)
-        self._children: dict[tuple, object] = {}  # (metric name, labels) -> its child
+        self._children: dict[tuple, object] = {}  # (id of the metric, labels) -> its child
 
     def of(self, metric, *labels):
         """`metric.labels(*labels)`, looked up once per label values (prometheus_client
         checks and hashes them on every call: ~5 us, a few per tiny call)."""
-        key = (metric._name, labels)
+        key = (id(metric), labels)
         child = self._children.get(key)
         if child is None:
             child = self._children[key] = metric.labels(*labels)
