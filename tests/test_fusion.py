@@ -239,6 +239,12 @@ def test_grad_runs_without_the_value():
     assert cut is plan.only(("grad:x",)) and plan.only(("out", "grad:x")) is plan
     assert [n for n, _ in cut.outputs] == ["grad:x"] and len(cut.steps) < len(plan.steps)
     assert "sum" not in {node.op for *_, node in cut.steps}
+    assert plan.only(("grad:x", "grad:x")) is cut  # one selection, however it is written
+    g3 = ad.trace(lambda x: {f"o{i}": x * float(i) for i in range(8)}, x=ad.f64(N))
+    p3 = Plan(g3)
+    for i in range(8):  # a client asking for ever new selections: at most CUTS kept
+        assert [n for n, _ in p3.only((f"o{i}", "o0")).outputs] == sorted({"o0", f"o{i}"})
+    assert len(p3._cut._items) == Plan.CUTS
     s = ad.trace(lambda x, y: x * y + ad.sin(x), x=ad.f64(), y=ad.f64())  # a tape
     assert c.grad(s, x=0.5, y=2.0) == c.value_and_grad(s, x=0.5, y=2.0)[1]
 

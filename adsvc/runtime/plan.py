@@ -37,13 +37,16 @@ class Plan:
     """A graph ready to evaluate many times: slot-indexed steps that free each value after
     its last use (see the module docstring)."""
 
+    CUTS = 4  # plans of output selections kept (`only`): a client choosing ever new ones
+    # must not grow a cached plan without bound
+
     def __init__(self, graph: Graph, check=None, _plans: dict | None = None):
         """Plan `graph`; `check()` (optional) is called every CHECK_EVERY nodes and may
         raise to stop (a deadline while compiling). Sub-graphs (loop bodies, branches) get
         plans of their own, one per distinct graph, which their ops' kernels run."""
         self.graph = graph
         self._plans = {} if _plans is None else _plans  # sub-graph -> its plan
-        self._cut: dict[tuple, Plan] = {}  # outputs -> plan of the graph cut to them
+        self._cut = LRUCache(self.CUTS)  # outputs -> plan of the graph cut to them
         nodes = graph.nodes
         self.input_types = [(n.dtype, n.shape) for n in graph.inputs]
         self.output_types = [(n.dtype, n.shape) for _, n in graph.outputs]
@@ -158,15 +161,18 @@ class Plan:
     def only(self, names: tuple[str, ...]) -> Plan:
         """The plan of this graph cut to the outputs `names` (nodes only the others need
         are not run: `grad` skips the value), built once per selection; this plan
-        when `names` covers every output."""
-        names = tuple(names)
-        if {n for n, _ in self.outputs} <= set(names):
+        when `names` covers every output. The last CUTS selections are kept (any order or
+        repetition of the same names is one selection)."""
+        wanted = set(names)
+        key = tuple(n for n, _ in self.outputs if n in wanted)
+        if len(key) == len(self.outputs):
             return self
-        cut = self._cut.get(names)
+        cut = self._cut.get(key)
         if cut is None:
             graph = Graph(self.graph.inputs, [(n, node) for n, node in self.graph.outputs
-                                              if n in names], self.graph.name)
-            cut = self._cut[names] = Plan(graph, None, self._plans)
+                                              if n in wanted], self.graph.name)
+            cut = Plan(graph, None, self._plans)
+            self._cut.put(key, cut)
         return cut
 
     def memory_note(self) -> str:
