@@ -17,6 +17,7 @@ import resource
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from dataclasses import dataclass
@@ -34,6 +35,7 @@ MSG = 64 * 1024 * 1024
 CHANNEL_OPTIONS = [("grpc.max_receive_message_length", MSG + 1024),
                    ("grpc.max_send_message_length", -1),
                    ("grpc.use_local_subchannel_pool", 1)]
+LOG_POLL = 0.02  # seconds between reads of the server's log file
 LINE = re.compile(r"rpc=(\S+) request_id=(\S+) status=(\S+) ms=([\d.]+)(.*)")
 # every status an adsvc call may end with (README "What the service promises")
 DOCUMENTED = frozenset({"OK", "INVALID_ARGUMENT", "RESOURCE_EXHAUSTED", "NOT_FOUND",
@@ -66,9 +68,12 @@ class BenchServer:
                  env: dict[str, str] | None = None):
         self.flags = flags
         env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+        # the log goes to a file, read in batches (`_drain_stderr`): a pipe read line by
+        # line would wake this (the measuring) process once per call the server logs
+        self._log = tempfile.TemporaryFile()
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "adsvc.server", "--host", "127.0.0.1", "--port", "0",
-             *flags], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+             *flags], stdout=subprocess.PIPE, stderr=self._log, text=True, env=env,
             cwd=ROOT, preexec_fn=_cap(mem_cap))
         self.lines: list[str] = []
         self.calls: list[CallLine] = []
@@ -124,14 +129,34 @@ class BenchServer:
 
     # -- log --------------------------------------------------------------------------
     def _drain_stderr(self) -> None:
-        for line in self.proc.stderr:
-            m = LINE.search(line)
-            with self._lock:
+        """Read the log file as it grows, every LOG_POLL seconds, until the server exits
+        and the file is read to its end."""
+        with open(self._log.fileno(), "rb", closefd=False) as f:
+            rest = b""
+            while True:
+                exited = not self.alive()
+                chunk = f.read()
+                if chunk:
+                    *done, rest = (rest + chunk).split(b"\n")
+                    self._add_lines([ln.decode(errors="replace") + "\n" for ln in done])
+                elif exited:
+                    if rest:
+                        self._add_lines([rest.decode(errors="replace")])
+                    with self._lock:
+                        self._new.notify_all()
+                    return
+                else:
+                    time.sleep(LOG_POLL)
+
+    def _add_lines(self, lines: list[str]) -> None:
+        seen = time.monotonic()
+        with self._lock:
+            for line in lines:
                 self.lines.append(line)
+                m = LINE.search(line)
                 if m:
-                    self.calls.append(CallLine(m[1], m[2], m[3], float(m[4]), m[5],
-                                               time.monotonic()))
-                self._new.notify_all()
+                    self.calls.append(CallLine(m[1], m[2], m[3], float(m[4]), m[5], seen))
+            self._new.notify_all()
 
     def _drain_stdout(self) -> None:
         for line in self.proc.stdout:
