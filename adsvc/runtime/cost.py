@@ -144,6 +144,12 @@ class Cost:
         """Estimated seconds of the whole evaluation."""
         return sum(self.steps)
 
+    @cached_property
+    def log_fields(self) -> str:
+        """The figures as a call's log line gives them (` ops=... est_ms=... peak_mb=...`)."""
+        return (f" ops={self.operations} est_ms={self.seconds * 1000:.1f} "
+                f"peak_mb={self.peak_bytes / 2**20:.1f}")
+
 
 def _temporary_bytes(node) -> int:
     """Bytes the step's kernel allocates while it runs (`OpDef.temporaries` buffers as

@@ -157,14 +157,29 @@ class TapePlan:
                 return values
         return check_feeds(self.inputs, feeds)
 
+    @property
+    def floats_only(self) -> bool:
+        """Does `run_floats` apply: a small tape (one C call) without bool outputs?"""
+        return self.count <= CHUNK and not any(self.value_bool)
+
+    def run_floats(self, inputs: list[float]) -> list[float]:
+        """The output values as Python floats, in output order, at float input values
+        in input order (when `floats_only`: the server's small-call path)."""
+        values, derivs = self._whole(inputs)
+        return [*values, *derivs]
+
+    def _whole(self, inputs: list) -> tuple:
+        """(values, derivatives) of a small tape: `scalar_vm.whole`, seeded."""
+        n_in = self.n_primal_inputs
+        seeds = inputs[n_in:] if self.mode == "forward" or not self.seed else \
+            [1.0] * len(self.target_regs)
+        return scalar_vm.whole(self._small, inputs[:n_in], seeds, self.mode == "reverse")
+
     def run_values(self, inputs: list, interrupt=None) -> list:
         """The output values, in output order, at input values in input order."""
         n_in = self.n_primal_inputs
         if self.count <= CHUNK:  # a small tape: one C call, nothing to interrupt
-            seeds = inputs[n_in:] if self.mode == "forward" or not self.seed else \
-                [1.0] * len(self.target_regs)
-            values, derivs = scalar_vm.whole(self._small, inputs[:n_in], seeds,
-                                             self.mode == "reverse")
+            values, derivs = self._whole(inputs)
             return [np.array(v != 0.0) if b else np.array(v)
                     for v, b in zip(values, self.value_bool)] + [np.array(d) for d in derivs]
         regs = self.template.copy()

@@ -22,7 +22,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from adsvc.server import tls
+from adsvc.server import access_log, tls
 from adsvc.server.config import ServerConfig
 from adsvc.server.service import AutodiffServicer, add_to_server, limit_heap_arenas
 from adsvc_protocol.proto import service_pb2
@@ -491,7 +491,7 @@ def run_from_args(args: argparse.Namespace) -> int:
     one line on stderr ("adsvc: error: ..."): exit 2 for a bad command line, 1 when
     the server cannot start (a file, the address)."""
     logging.basicConfig(level=getattr(logging, args.log_level, logging.INFO),
-                        format="%(asctime)s %(process)d %(levelname)s %(name)s %(message)s")
+                        format=access_log.FORMAT)
     try:
         _check_args(args)
         config = config_from_args(args)

@@ -23,6 +23,7 @@ from adsvc.runtime.plan import Plan, SymbolicPlan, plan_bytes, plan_for, plan_no
 from adsvc.runtime.tape import TapePlan, tape_plan
 from adsvc.server.config import ServerConfig
 from adsvc.server.metrics import Metrics
+from adsvc.server.scalar_path import ScalarPath
 from adsvc.server.store import RedisStore
 from adsvc_protocol.dims import is_symbolic
 from adsvc_protocol.dtypes import to_numpy
@@ -71,6 +72,9 @@ class Entry:
     # {(kind, wrt): Sparsity} of this graph (an entry compiled without differentiation)
     sparsity: dict = field(default_factory=dict)
     fits: bool = False  # its outputs were found to fit in one response message
+    # its small-call path (`Compiler.scalar_path`): False until looked at, then the
+    # ScalarPath or None
+    scalar: ScalarPath | None | bool = False
 
     @property
     def graph(self) -> Graph:
@@ -182,6 +186,16 @@ class Compiler:
                 f"no compiled graph with handle {handle[:16]!r}... on this server; send "
                 "the graph instead", field="handle")
         return entry
+
+    def peek(self, handle: str) -> Entry | None:
+        """The local cache's entry of `handle`, or None; not counted as a lookup (the
+        caller counts one it uses: `use`)."""
+        return self.cache.peek(handle)
+
+    def use(self, entry: Entry) -> None:
+        """Count a `peek`ed entry's lookup as `lookup` would (a hit, now recently used)."""
+        self.cache.get(entry.handle)
+        self.metrics.of(self.metrics.cache, "hit").inc()
 
     def _cached(self, key: str) -> Entry | None:
         entry = self.cache.get(key)
@@ -308,6 +322,19 @@ class Compiler:
                                          "nodes; compilation was stopped",
                                          field="differentiation")
         return grown
+
+    def scalar_path(self, entry: Entry) -> ScalarPath | None:
+        """The entry's small-call path (`scalar_path`), or None: not such a tape, or
+        over a limit (the general path then says which)."""
+        path = entry.scalar
+        if path is False:
+            try:
+                self.runnable(entry)
+                path = ScalarPath.of(entry)
+            except AdsvcError:
+                path = None
+            entry.scalar = path
+        return path
 
     def runnable(self, entry: Entry, feeds: Mapping | None = None) -> Plan | None:
         """LimitExceededError before an evaluation whose planned peak of live values is

@@ -23,9 +23,11 @@ import numpy as np
 from adsvc.interrupt import REFUSE_MARGIN
 from adsvc.runtime.buffers import SPARES
 from adsvc.server import errors as status_table
+from adsvc.server.access_log import AccessLog
 from adsvc.server.compiler import (
     Backend,
     Compiler,
+    Entry,
     decode_feeds,
     encode_outputs,
     evaluate,
@@ -47,6 +49,7 @@ from adsvc_protocol.errors import (
 )
 from adsvc_protocol.modes import REVERSE, mode_from_enum
 from adsvc_protocol.proto import ir_pb2, service_pb2, service_pb2_grpc
+from adsvc_protocol.scalar_wire import leading_handle
 from adsvc_protocol.tensors import to_tensor, type_to_proto
 from adsvc_protocol.wire import worth_it
 
@@ -67,6 +70,7 @@ _SERVICE = service_pb2.DESCRIPTOR.services_by_name["AutodiffService"]
 METHODS = {m.name: (getattr(service_pb2, m.input_type.name),
                     getattr(service_pb2, m.output_type.name)) for m in _SERVICE.methods}
 UNLIMITED_RPCS = frozenset({"GetServerInfo"})
+RAW_RPCS = frozenset({"Evaluate"})  # (its small-call path reads the bytes: `_small_call`)
 # bytes a response may take beyond its tensors' data (names, dims, tags, handles)
 # before its exact size is asked for
 RESPONSE_SLACK = 1 << 20  # cheap; not counted against the slots
@@ -86,6 +90,10 @@ def _parse(cls, data, field: str):
 
 class Call:
     """Per-call state: request id, where errors are located, how the work ended."""
+
+    __slots__ = ("rpc", "context", "start", "authorization", "request_id", "field_prefix",
+                 "checks", "steps", "interrupted", "idle_expired", "detail", "status",
+                 "load", "large")
 
     def __init__(self, rpc: str, context: grpc.ServicerContext):
         self.rpc = rpc
@@ -136,48 +144,44 @@ class Call:
 def _call(method):
     """Wrap a unary or server-streaming handler with the per-call machinery."""
     rpc = method.__name__
-    streaming = rpc == "EvaluateStream"
     request_cls = METHODS[rpc][0]
+    raw = rpc in RAW_RPCS  # the method parses the request's bytes itself
 
-    def _run(self, request, context, body):
+    def _admit(self, call: Call) -> bool:
+        """Authenticate, then claim a slot (GetServerInfo needs none); True if claimed."""
+        self._authorize(call)
+        return rpc not in UNLIMITED_RPCS and self._take_slot()
+
+    if rpc == "EvaluateStream":
+        @functools.wraps(method)
+        def stream_wrapper(self, request_iterator, context):
+            call = self._begin(rpc, context)
+            slot = False
+            try:
+                slot = _admit(self, call)
+                yield from method(self, self._stream_requests(request_iterator, call), call)
+            except AdsvcError as e:
+                self._failed(call, e)  # aborts the call, unless it already went idle
+            except Exception:
+                self._crashed(call)
+            finally:
+                self._end(call, slot)
+        return stream_wrapper
+
+    @functools.wraps(method)
+    def unary_wrapper(self, request, context):
         call = self._begin(rpc, context)
         slot = False
         try:
-            self._authorize(call)
-            if rpc not in UNLIMITED_RPCS:
-                slot = self._take_slot()
-            result = yield from body(call)
-            return result
+            slot = _admit(self, call)
+            call.large = isinstance(request, bytes) and len(request) > TRIM_BYTES
+            return method(self, request if raw else _parse(request_cls, request, ""), call)
         except AdsvcError as e:
             self._failed(call, e)  # aborts the call, unless it already went idle
         except Exception:
             self._crashed(call)
         finally:
-            if slot:
-                self._slots.release()
-            self._end(call)
-
-    if streaming:
-        @functools.wraps(method)
-        def stream_wrapper(self, request_iterator, context):
-            return (yield from _run(
-                self, request_iterator, context,
-                lambda call: method(self, self._stream_requests(request_iterator, call),
-                                    call)))
-        return stream_wrapper
-
-    @functools.wraps(method)
-    def unary_wrapper(self, request, context):
-        def body(call):
-            call.large = isinstance(request, bytes) and len(request) > TRIM_BYTES
-            return method(self, _parse(request_cls, request, ""), call)
-            yield  # pragma: no cover  (makes `body` a generator for `yield from`)
-        gen = _run(self, request, context, body)
-        try:
-            while True:
-                next(gen)
-        except StopIteration as stop:
-            return stop.value
+            self._end(call, slot)
     return unary_wrapper
 
 
@@ -211,7 +215,9 @@ class AutodiffServicer(service_pb2_grpc.AutodiffServiceServicer):
                          "cut_short": 0}
         self.stopping = False  # set at shutdown: calls then ending CANCELLED were cut short
         self._calls: set[Call] = set()  # calls in progress
-        self._slots = threading.BoundedSemaphore(config.max_concurrent_rpcs or 1)
+        self._busy = 0  # slots taken (of max_concurrent_rpcs), under _lock
+        self._access = AccessLog(log)
+        self.metrics.in_flight.set_function(lambda: self.counters["calls_in_flight"])
         self._watchdog = Watchdog()
 
     # -- per-call machinery --------------------------------------------------------
@@ -231,28 +237,30 @@ class AutodiffServicer(service_pb2_grpc.AutodiffServiceServicer):
         call.load = self._load
         context.set_trailing_metadata(((REQUEST_ID, call.request_id),))
         with self._lock:
-            self.counters["calls_in_flight"] += 1
-            self.counters["calls_total"] += 1
+            c = self.counters
+            c["calls_in_flight"] += 1
+            c["calls_total"] += 1
             self._calls.add(call)
-        self.metrics.in_flight.inc()
         return call
 
-    def _end(self, call: Call) -> None:
-        if self.stopping and call.status == "CANCELLED":
-            self._count("cut_short")
-        self._count("calls_in_flight", -1)
+    def _end(self, call: Call, slot: bool) -> None:
+        """The call's bookkeeping once it ended: its slot back, counters, metrics and
+        the access line."""
         with self._lock:
+            c = self.counters
+            if slot:
+                self._busy -= 1
+            if self.stopping and call.status == "CANCELLED":
+                c["cut_short"] += 1
+            c["calls_in_flight"] -= 1
             self._calls.discard(call)
         m = self.metrics
-        m.in_flight.dec()
         m.of(m.calls, call.rpc, call.status).inc()
-        m.of(m.latency, call.rpc).observe(time.perf_counter() - call.start)
-        if log.isEnabledFor(logging.INFO):  # the access line (no caller lookup: `_end` it is)
-            log.handle(log.makeRecord(
-                log.name, logging.INFO, __file__, 0, "rpc=%s request_id=%s status=%s "
-                "ms=%.1f peer=%s%s", (call.rpc, call.request_id, call.status,
-                                      (time.perf_counter() - call.start) * 1000,
-                                      call.context.peer(), call.detail), None, "_end"))
+        seconds = time.perf_counter() - call.start
+        m.of(m.latency, call.rpc).observe(seconds)
+        self._access.write("rpc=%s request_id=%s status=%s ms=%.1f peer=%s%s", (
+            call.rpc, call.request_id, call.status, seconds * 1000, call.context.peer(),
+            call.detail))
         if call.large or " cache=miss" in call.detail:
             TRIMMER.note()  # big requests and compiles leave freed memory the allocator keeps
 
@@ -297,17 +305,20 @@ class AutodiffServicer(service_pb2_grpc.AutodiffServiceServicer):
                                        field="authorization")
 
     def _take_slot(self) -> bool:
-        """Claim one of the `max_concurrent_rpcs` slots or answer RESOURCE_EXHAUSTED."""
-        if not self.config.max_concurrent_rpcs:
+        """Claim one of the `max_concurrent_rpcs` slots (given back by `_end`) or answer
+        RESOURCE_EXHAUSTED."""
+        limit = self.config.max_concurrent_rpcs
+        if not limit:
             return False
-        if not self._slots.acquire(blocking=False):
-            with self._lock:
-                in_flight = self.counters["calls_in_flight"]
-            raise LimitExceededError(
-                f"the server is busy: all {self.config.max_concurrent_rpcs} slots "
-                f"(max_concurrent_rpcs) are taken, {in_flight} calls in flight; retry "
-                "later (health checks are never refused)", field="")
-        return True
+        with self._lock:
+            if self._busy < limit:
+                self._busy += 1
+                return True
+            in_flight = self.counters["calls_in_flight"]
+        raise LimitExceededError(
+            f"the server is busy: all {limit} slots (max_concurrent_rpcs) are taken, "
+            f"{in_flight} calls in flight; retry later (health checks are never refused)",
+            field="")
 
     def _stream_requests(self, raw_iterator, call: Call):
         """Parsed stream messages; a wait longer than stream_idle_seconds cancels the call."""
@@ -399,9 +410,42 @@ class AutodiffServicer(service_pb2_grpc.AutodiffServiceServicer):
         return resp
 
     @_call
-    def Evaluate(self, request, call):
+    def Evaluate(self, data, call):
         """RPC: evaluate a graph (compiled for `differentiation`) or a handle at one feed."""
-        entry = self._source(request, call)
+        entry = self._small_entry(data)
+        path = entry.scalar if entry is not None else None
+        resp = path.read(data) if path else None  # request bytes as the SDK writes them
+        request = None
+        if resp is None:
+            request = _parse(service_pb2.EvaluateRequest, data, "")
+            if entry is not None and request.WhichOneof("source") == "handle" \
+                    and request.handle == entry.handle:
+                self._use(entry, call)
+            else:
+                entry = self._source(request, call)
+            path = self.compiler.scalar_path(entry)
+            resp = path.evaluate(request) if path is not None else None
+        else:
+            self._use(entry, call)
+        if resp is None:
+            return self._evaluate(entry, request, call)
+        call.detail += entry.plan.cost.log_fields  # the small-call path: floats in, bytes out
+        self._limit_response(resp)
+        return resp
+
+    def _use(self, entry: Entry, call: Call) -> None:
+        """A `_small_entry` is this call's: counted as a cache lookup, logged."""
+        self.compiler.use(entry)
+        call.detail += " cache=handle"
+
+    def _small_entry(self, data) -> Entry | None:
+        """The locally cached entry of the handle that request bytes start with, if any
+        (not counted as a cache lookup yet: `Evaluate` counts it once)."""
+        handle = leading_handle(data) if isinstance(data, bytes) else None
+        return self.compiler.peek(handle) if handle else None
+
+    def _evaluate(self, entry, request, call):
+        """Evaluate's general path: feeds as arrays, outputs as Tensors (or bytes)."""
         feeds = decode_feeds(request.inputs, self.config)
         call.detail += _cost(self.compiler.runnable(entry, feeds))
         values = evaluate(entry, feeds, call.interrupt, tuple(request.output_filter))
@@ -622,10 +666,7 @@ def _colors(s) -> str:
 
 def _cost(plan) -> str:
     """The evaluation's planned cost for the call's log line (none: symbolic sizes)."""
-    if plan is None:
-        return " symbolic"
-    c = plan.cost
-    return f" ops={c.operations} est_ms={c.seconds * 1000:.1f} peak_mb={c.peak_bytes / 2**20:.1f}"
+    return " symbolic" if plan is None else plan.cost.log_fields
 
 
 def _type(dtype: str, shape) -> ir_pb2.TensorType:

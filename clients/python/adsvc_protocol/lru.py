@@ -47,6 +47,11 @@ class LRUCache:
             self._items.move_to_end(key)
             return found[0]
 
+    def peek(self, key: Hashable):
+        """The cached item for `key`, or None; neither counted nor made recent."""
+        found = self._items.get(key)
+        return None if found is None else found[0]
+
     def put(self, key: Hashable, item, weight: Weight = 1) -> None:
         """Cache `item` under `key`, evicting the least recently used entries until every
         bound holds; nothing is stored if capacity is 0 or `weight` alone is over budget."""
