@@ -271,13 +271,25 @@ FMT = "rpc=%s request_id=%s status=%s ms=%.1f peer=%s%s"
 def test_the_direct_access_line_is_what_logging_writes(monkeypatch, now):
     monkeypatch.setattr(time, "time", lambda: now)
     lg, (out,) = _logger("test.access.direct")
-    AccessLog(lg).write(FMT, ARGS)
+    access = AccessLog(lg)
+    access.write(FMT, ARGS)
+    access.flush()  # (written by its thread)
     direct = out.getvalue()
     out.seek(0)
     out.truncate()
     lg.info(FMT, *ARGS)
     assert direct == out.getvalue() and direct.endswith("ms=0.1 peer=ipv4:127.0.0.1:1 "
                                                          "cache=handle ops=3\n")
+
+
+def test_queued_access_lines_are_written_in_order_and_flushed(monkeypatch):
+    lg, (out,) = _logger("test.access.many")
+    access = AccessLog(lg)
+    for i in range(3 * AccessLog.BATCH):
+        access.write("n=%d%s", (i, ""))
+    access.flush()
+    assert [int(line.rsplit("=", 1)[1]) for line in out.getvalue().splitlines()] == \
+        list(range(3 * AccessLog.BATCH))
 
 
 def test_other_configurations_get_log_records(monkeypatch):
@@ -302,5 +314,63 @@ def test_a_failing_stream_falls_back_to_logging(capsys):
     stream = io.StringIO()
     lg.handlers[0].setStream(stream)
     stream.close()
-    AccessLog(lg).write(FMT, ARGS)  # logging reports the error on stderr; no exception
+    access = AccessLog(lg)
+    access.write(FMT, ARGS)
+    access.flush()  # logging reports the error on stderr; nothing is raised
     assert "Logging error" in capsys.readouterr().err
+
+
+# -- the C call behind `ScalarPath.read` -----------------------------------------------
+def _tape(mode, seed, g):
+    from adsvc.runtime.tape import tape_plan
+
+    return tape_plan(g, (mode,), None, seed, lambda: None)
+
+
+FIVE = adsvc.trace(lambda a, b, c, d, e: adsvc.sin(a * b) / (c + 2.5) - adsvc.tanh(d) * e
+                   + a * a)
+
+
+@pytest.mark.parametrize("mode, seed", [("reverse", True), ("reverse", False),
+                                        ("forward", False)])
+def test_the_c_small_call_answers_as_the_python_path(mode, seed):
+    from adsvc.runtime.scalar_vm import small_call
+
+    plan = _tape(mode, seed, FIVE)
+    assert plan is not None and plan.floats_only
+    path = ScalarPath("h" * 64, plan)
+    rng = np.random.default_rng(3)
+    for trial in range(20):
+        feeds = dict(zip(path.inputs, rng.standard_normal(len(path.inputs)) * 3))
+        if trial == 0:
+            feeds = dict(zip(path.inputs, (ODD * 2)[:len(path.inputs)]))
+        picked = () if trial % 2 else tuple(path.index)[::-1][:2]
+        msg = request("h" * 64, feeds, picked)
+        slow = path.evaluate(msg)  # (parsed: floats and a packed response; learns layout)
+        data = W.request_layout("h" * 64, path.inputs, picked).pack(list(feeds.values()))
+        fast = path.read(data)
+        assert fast == slow
+        assert small_call(plan.native, *path._known[0][:4], path._known[0][4],
+                          data[:-1]) is None
+        bad = bytearray(data)
+        bad[3] ^= 1  # (in the handle)
+        assert path.read(bytes(bad)) is None
+
+
+def test_the_c_small_call_checks_its_layouts():
+    from adsvc.runtime.scalar_vm import small_call
+
+    plan = _tape("reverse", True, SEED)
+    path = ScalarPath("h" * 64, plan)
+    path.evaluate(request("h" * 64, {"x": 1.0, "y": 2.0}))
+    rq, io, rs, oo, src = path._known[0]
+    data = W.request_layout("h" * 64, ["x", "y"]).pack([1.0, 2.0])
+    assert small_call(plan.native, rq, io, rs, oo, src, data) is not None
+    i32 = np.int32
+    for bad in [(rq, np.array([len(rq) - 4, 0], i32).tobytes(), rs, oo, src),  # past the end
+                (rq, np.array([20, 16], i32).tobytes(), rs, oo, src),  # not ascending
+                (rq, io[:4], rs, oo, src),  # an input missing
+                (rq, io, rs, oo, np.array([0, 1, 9], i32).tobytes()),  # no such output
+                (rq, io, rs, oo, src[:4])]:  # sources and offsets differ in number
+        with pytest.raises(ValueError):
+            small_call(plan.native, *bad, data)

@@ -14,7 +14,12 @@ import adsvc as ad
 from adsvc_protocol.proto import ir_pb2
 from adsvc_protocol.proto import service_pb2 as S
 from adsvc_protocol.tensors import from_tensor, to_tensor
-from adsvc_protocol.wire import evaluate_request, evaluate_response, read_evaluate_response
+from adsvc_protocol.wire import (
+    evaluate_request,
+    evaluate_response,
+    read_evaluate_request,
+    read_evaluate_response,
+)
 
 RNG = np.random.default_rng(0)
 CASES = [
@@ -132,3 +137,71 @@ def test_malformed_responses_raise_as_protobuf_does():
                 _read(bad)
         else:
             _same(_read(bad), want)
+
+
+def _read_request(buf: bytes):
+    """What read_evaluate_request gives, decoded: (the message without inputs, {name:
+    (dtype, dims, array)})."""
+    msg, raws = read_evaluate_request(buf)
+    inputs = {k: (t.dtype, list(t.dims), from_tensor(t, raw=raws.get(k)))
+              for k, t in msg.inputs.items()}
+    msg.ClearField("inputs")
+    return msg, inputs
+
+
+def _protobuf_request(buf: bytes):
+    msg = S.EvaluateRequest.FromString(buf)
+    inputs = {k: (t.dtype, list(t.dims), from_tensor(t)) for k, t in msg.inputs.items()}
+    msg.ClearField("inputs")
+    return msg, inputs
+
+
+def test_requests_read_in_place_equal_protobufs_parse():
+    """As for responses: every dtype and shape, the SDK's bytes and protobuf's own, a
+    graph and differentiation with the inputs, an output_filter, unknown fields, a key
+    and a raw field given twice, values instead of raw; the arrays view the bytes."""
+    lean = evaluate_request("h" * 64, CASES, ("a", "b"))
+    _same(_read_request(lean), _protobuf_request(lean))
+    msg, raws = read_evaluate_request(lean)
+    assert raws["large"].obj is lean and msg.output_filter == ["a", "b"]
+    g = ad.to_proto(ad.trace(lambda x: x * x))
+    full = S.EvaluateRequest(graph=g, differentiation=S.Differentiation(
+        modes=[S.MODE_REVERSE], seed=True), inputs={k: to_tensor(v, d) for k, d, v in CASES})
+    full.inputs["listed"].CopyFrom(ir_pb2.Tensor(dtype=ir_pb2.DTYPE_FLOAT64, dims=[2],
+                                                 values=[1.5, -2.0]))
+    _same(_read_request(full.SerializeToString()), _protobuf_request(full.SerializeToString()))
+    t = ir_pb2.Tensor(dtype=ir_pb2.DTYPE_FLOAT64, dims=[1], raw=np.float64(1.0).tobytes())
+    twice = t.SerializeToString() + ir_pb2.Tensor(raw=np.float64(7.0).tobytes()).SerializeToString()
+    odd = (b"\x58\x05" + S.EvaluateRequest(handle="h", inputs={"a": t}).SerializeToString()
+           + S.EvaluateRequest(inputs={"a": ir_pb2.Tensor.FromString(twice)}).SerializeToString())
+    _same(_read_request(odd), _protobuf_request(odd))
+    assert _read_request(odd)[1]["a"][2].tolist() == [7.0]
+
+
+def test_malformed_requests_raise_as_protobuf_does():
+    good = evaluate_request("h", [("x", "float64", np.arange(4.0))])
+    for bad in (good[:-3], good[:5], b"\x22\xff\xff\xff\xff\x0f", b"\x23", b"\x20\x01",
+                b"\x22\x04\x0a\x02\xff\xfe"):
+        try:
+            want = _protobuf_request(bad)
+        except Exception as e:  # protobuf refuses it: the reader raises the same
+            with pytest.raises(type(e)):
+                _read_request(bad)
+        else:
+            _same(_read_request(bad), want)
+
+
+def test_the_server_reads_large_requests_in_place():
+    """A large Evaluate gives what the small path's protobuf parse gives (the 8 MB case
+    of W5, smaller), and a malformed large request is INVALID_ARGUMENT."""
+    import grpc
+
+    x = RNG.standard_normal(20_000)
+    g = ad.trace(lambda x: ad.sum(x * x * 0.5), x=ad.f64(20_000))
+    with running_server() as (_, target), ad.connect(target, timeout=60) as c:
+        assert np.array_equal(c.grad(g, x=x)["x"], x)
+        raw = grpc.insecure_channel(target).unary_unary("/adsvc.v1.AutodiffService/Evaluate")
+        with pytest.raises(grpc.RpcError) as e:
+            raw(b"\x22\xff\xff\x03" + bytes(70_000), timeout=30)
+        assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "not a valid adsvc.v1.EvaluateRequest" in e.value.details()

@@ -90,6 +90,9 @@ static PyMethodDef methods[] = {
      "reverse(program, registers, adjoints, flags, start, stop): the adjoint sweep"},
     {"whole", vm_whole, METH_VARARGS,
      "whole(program, flags, template, inputs, value_regs, targets, seeds, wrt, reverse)"},
+    {"small_call", vm_small_call, METH_VARARGS,
+     "small_call(tape, request, in_offsets, response, out_offsets, out_sources, data): "
+     "a small tape from request bytes to response bytes, or None"},
     {"tangent", vm_tangent, METH_VARARGS,
      "tangent(program, registers, tangents, flags, start, stop): the tangent sweep"},
     {"blocks", vm_blocks, METH_VARARGS,

@@ -75,6 +75,7 @@ PyObject *vm_activity(PyObject *self, PyObject *args);
 PyObject *vm_reverse(PyObject *self, PyObject *args);
 PyObject *vm_tangent(PyObject *self, PyObject *args);
 PyObject *vm_whole(PyObject *self, PyObject *args);
+PyObject *vm_small_call(PyObject *self, PyObject *args);
 /* _vmblocks.c */
 PyObject *vm_blocks(PyObject *self, PyObject *args);
 /* _scalarvm.c */

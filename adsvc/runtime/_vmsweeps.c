@@ -225,6 +225,23 @@ static PyObject *float_list(const double *r, const int32_t *regs, Py_ssize_t n,
     return out;
 }
 
+/* The values (r: registers, the inputs already in place), then d: the adjoints seeded
+   at the targets (backward) or the tangents seeded at the wrt registers. */
+static void sweep_whole(const int32_t *p, Py_ssize_t n, const unsigned char *flags,
+                        double *r, double *d, Py_ssize_t n_regs, const double *seed,
+                        const int32_t *tr, Py_ssize_t n_t, const int32_t *wr,
+                        Py_ssize_t n_w, int backward) {
+    vm_execute(p, r, 0, n);
+    for (Py_ssize_t k = 0; k < n_regs; k++) d[k] = backward ? -0.0 : 0.0;
+    if (backward) {
+        for (Py_ssize_t k = 0; k < n_t; k++) d[tr[k]] += seed[k];
+        reverse(p, r, d, flags, 0, n);
+    } else {
+        for (Py_ssize_t k = 0; k < n_w; k++) d[wr[k]] = seed[k];
+        tangent(p, r, d, flags, 0, n);
+    }
+}
+
 PyObject *vm_whole(PyObject *self, PyObject *args) {
     Py_buffer b[7];  /* program, flags, template, value_regs, targets, wrt, reached */
     PyObject *inputs, *seeds, *ret = NULL;
@@ -250,15 +267,7 @@ PyObject *vm_whole(PyObject *self, PyObject *args) {
     if (seed == NULL) { PyErr_NoMemory(); goto done; }
     memcpy(r, b[2].buf, n_regs * sizeof(double));
     if (!as_doubles(in, r, n_in) || !as_doubles(sd, seed, n_seed)) { free(seed); goto done; }
-    vm_execute(p, r, 0, n);
-    for (Py_ssize_t k = 0; k < n_regs; k++) d[k] = backward ? -0.0 : 0.0;
-    if (backward) {
-        for (Py_ssize_t k = 0; k < n_t; k++) d[tr[k]] += seed[k];
-        reverse(p, r, d, b[1].buf, 0, n);
-    } else {
-        for (Py_ssize_t k = 0; k < n_w; k++) d[wr[k]] = seed[k];
-        tangent(p, r, d, b[1].buf, 0, n);
-    }
+    sweep_whole(p, n, b[1].buf, r, d, n_regs, seed, tr, n_t, wr, n_w, backward);
     free(seed);
     PyObject *vals = float_list(r, vr, n_val, NULL);
     PyObject *ders = backward ? float_list(d, wr, n_w, b[6].buf) : float_list(d, tr, n_t, NULL);
@@ -271,5 +280,121 @@ done:
     Py_XDECREF(in);
     Py_XDECREF(sd);
     for (int j = 0; j < 7; j++) PyBuffer_Release(&b[j]);
+    return ret;
+}
+
+/* small_call(tape, request, in_offsets, response, out_offsets, out_sources, data):
+   the server's small-call path (server/scalar_path.py) in one call. `tape` =
+   (program, flags, template, value_regs, targets, wrt, reached, backward, seeded,
+   n_primal), all bytes but the last three. `request` is a request's bytes with zeros
+   in each input's 8 bytes, at `in_offsets` (int32, ascending); `data` must be as long
+   and equal to it everywhere else, or the answer is None (not this layout). Its
+   doubles (little-endian) are the inputs: the first n_primal the primal ones, the
+   rest the seeds (none when `seeded`: a plain gradient, seeds 1). The answer is
+   `response` with, at each of `out_offsets`, the double of `out_sources` (int32: k <
+   number of values: value k; else derivative k - that number, as `whole` orders
+   them). Offsets and sources are checked; the registers were (by `activity`). */
+static double load_le(const unsigned char *s) {
+    uint64_t u = 0;
+    for (int k = 7; k >= 0; k--) u = (u << 8) | s[k];
+    double v;
+    memcpy(&v, &u, sizeof v);
+    return v;
+}
+
+static void store_le(unsigned char *s, double v) {
+    uint64_t u;
+    memcpy(&u, &v, sizeof u);
+    for (int k = 0; k < 8; k++, u >>= 8) s[k] = (unsigned char)(u & 0xFF);
+}
+
+static int offsets_fit(const int32_t *off, Py_ssize_t n, Py_ssize_t len) {
+    Py_ssize_t at = 0;
+    for (Py_ssize_t k = 0; k < n; k++) {
+        if (off[k] < at || (Py_ssize_t)off[k] > len - 8) return 0;
+        at = off[k] + 8;
+    }
+    return 1;
+}
+
+static int same_outside(const unsigned char *a, const unsigned char *b, Py_ssize_t len,
+                        const int32_t *off, Py_ssize_t n) {
+    Py_ssize_t at = 0;
+    for (Py_ssize_t k = 0; k < n; k++) {
+        if (memcmp(a + at, b + at, off[k] - at) != 0) return 0;
+        at = off[k] + 8;
+    }
+    return memcmp(a + at, b + at, len - at) == 0;
+}
+
+static PyObject *small_run(Py_buffer *b, int backward, int seeded, Py_ssize_t n_primal,
+                           Py_buffer *rq, Py_buffer *io, Py_buffer *rs, Py_buffer *oo,
+                           Py_buffer *os, Py_buffer *data) {
+    Py_ssize_t n = b[0].len / (Py_ssize_t)(5 * sizeof(int32_t));
+    Py_ssize_t n_regs = b[2].len / (Py_ssize_t)sizeof(double);
+    Py_ssize_t n_val = b[3].len / 4, n_t = b[4].len / 4, n_w = b[5].len / 4;
+    Py_ssize_t n_in = io->len / 4, n_out = oo->len / 4;
+    Py_ssize_t n_seed = seeded ? n_t : n_in - n_primal, n_der = backward ? n_w : n_t;
+    const int32_t *in_off = io->buf, *out_off = oo->buf, *src = os->buf;
+    if (b[1].len != (n > 0 ? n : 1) || b[6].len < n_w || n_primal > n_regs ||
+        n_primal > n_in || (seeded && (!backward || n_in != n_primal)) ||
+        n_seed != (backward ? n_t : n_w) || os->len != oo->len ||
+        !offsets_fit(in_off, n_in, rq->len) || !offsets_fit(out_off, n_out, rs->len)) {
+        PyErr_SetString(PyExc_ValueError, "the layouts do not fit the program");
+        return NULL;
+    }
+    for (Py_ssize_t k = 0; k < n_out; k++)
+        if (src[k] < 0 || src[k] >= n_val + n_der) {
+            PyErr_SetString(PyExc_ValueError, "an output source is out of range");
+            return NULL;
+        }
+    if (data->len != rq->len || !same_outside(data->buf, rq->buf, rq->len, in_off, n_in))
+        Py_RETURN_NONE;
+    double *r = malloc((2 * (n_regs > 0 ? n_regs : 1) + (n_seed > 0 ? n_seed : 1))
+                       * sizeof(double));
+    if (r == NULL) return PyErr_NoMemory();
+    double *d = r + (n_regs > 0 ? n_regs : 1), *seed = d + (n_regs > 0 ? n_regs : 1);
+    const unsigned char *in = data->buf;
+    memcpy(r, b[2].buf, n_regs * sizeof(double));
+    for (Py_ssize_t k = 0; k < n_primal; k++) r[k] = load_le(in + in_off[k]);
+    for (Py_ssize_t k = 0; k < n_seed; k++)
+        seed[k] = seeded ? 1.0 : load_le(in + in_off[n_primal + k]);
+    const int32_t *vr = b[3].buf, *tr = b[4].buf, *wr = b[5].buf;
+    const unsigned char *reached = b[6].buf;
+    sweep_whole(b[0].buf, n, b[1].buf, r, d, n_regs, seed, tr, n_t, wr, n_w, backward);
+    PyObject *out = PyBytes_FromStringAndSize(rs->buf, rs->len);
+    if (out != NULL) {
+        unsigned char *o = (unsigned char *)PyBytes_AS_STRING(out);
+        for (Py_ssize_t k = 0; k < n_out; k++) {
+            Py_ssize_t j = src[k] - n_val;
+            double v = j < 0 ? r[vr[src[k]]]
+                     : backward ? (reached[j] ? d[wr[j]] : 0.0) : d[tr[j]];
+            store_le(o + out_off[k], v);
+        }
+    }
+    free(r);
+    return out;
+}
+
+PyObject *vm_small_call(PyObject *self, PyObject *args) {
+    PyObject *tape;
+    Py_buffer rq, io, rs, oo, os, data, b[7];
+    int backward, seeded;
+    Py_ssize_t n_primal;
+    if (!PyArg_ParseTuple(args, "O!y*y*y*y*y*y*", &PyTuple_Type, &tape, &rq, &io, &rs, &oo,
+                          &os, &data))
+        return NULL;
+    PyObject *ret = NULL;
+    if (PyArg_ParseTuple(tape, "y*y*y*y*y*y*y*ppn", &b[0], &b[1], &b[2], &b[3], &b[4],
+                         &b[5], &b[6], &backward, &seeded, &n_primal)) {
+        ret = small_run(b, backward, seeded, n_primal, &rq, &io, &rs, &oo, &os, &data);
+        for (int j = 0; j < 7; j++) PyBuffer_Release(&b[j]);
+    }
+    PyBuffer_Release(&rq);
+    PyBuffer_Release(&io);
+    PyBuffer_Release(&rs);
+    PyBuffer_Release(&oo);
+    PyBuffer_Release(&os);
+    PyBuffer_Release(&data);
     return ret;
 }

@@ -146,6 +146,12 @@ def whole(arrays: tuple, inputs, seeds, backward: bool) -> tuple[list, list]:
                            reached, backward)
 
 
+# small_call(tape, request, in_offsets, response, out_offsets, out_sources, data): a
+# small tape from request bytes to response bytes, or None when the bytes are not laid
+# out as `request` (`_vmsweeps.c`; the server's small-call path, `TapePlan.native`)
+small_call = _scalarvm.small_call
+
+
 def blocks(program: bytes, leaves: tuple, out: np.ndarray, temps: int) -> None:
     """A fused elementwise region (`runtime.fusion`) into `out` (float64 or float32),
     block by block (`_vmblocks.c`): leaves are arrays of out's type or bool, of out's

@@ -168,6 +168,14 @@ class TapePlan:
         values, derivs = self._whole(inputs)
         return [*values, *derivs]
 
+    @cached_property
+    def native(self) -> tuple:
+        """The program as `scalar_vm.small_call` reads it (bytes, mode, primal inputs)."""
+        code, flags, template, values, targets, wrt, reached = self._small
+        return (*(bytes(memoryview(np.ascontiguousarray(a)).cast("B"))
+                  for a in (code, flags, template, values, targets, wrt, reached)),
+                self.mode == "reverse", bool(self.seed), self.n_primal_inputs)
+
     def _whole(self, inputs: list) -> tuple:
         """(values, derivatives) of a small tape: `scalar_vm.whole`, seeded."""
         n_in = self.n_primal_inputs

@@ -124,6 +124,7 @@ def _shutdown(server: grpc.Server, config: ServerConfig) -> None:
     while counters["calls_in_flight"] and time.monotonic() < end:
         time.sleep(0.01)
     left = counters["cut_short"] + counters["calls_in_flight"]
+    servicer.access.flush()  # the access lines of the calls that ended, before these
     if left:
         log.warning("stopped: %d of %d call(s) in flight were still running when the "
                     "%.1fs grace period ran out (cancelled)", left, at_stop,

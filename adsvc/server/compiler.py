@@ -195,11 +195,11 @@ class Compiler:
     def use(self, entry: Entry) -> None:
         """Count a `peek`ed entry's lookup as `lookup` would (a hit, now recently used)."""
         self.cache.get(entry.handle)
-        self.metrics.of(self.metrics.cache, "hit").inc()
+        self.metrics.calls.looked_up("hit")
 
     def _cached(self, key: str) -> Entry | None:
         entry = self.cache.get(key)
-        self.metrics.of(self.metrics.cache, "hit" if entry is not None else "miss").inc()
+        self.metrics.calls.looked_up("hit" if entry is not None else "miss")
         if entry is None and self.store is not None:
             entry = self._from_store(key)
         return entry
@@ -366,9 +366,11 @@ def _mb(n: int) -> str:
 
 
 def decode_feeds(tensors: Mapping[str, ir_pb2.Tensor], config: ServerConfig,
-                 prefix: str = "") -> dict[str, np.ndarray]:
+                 prefix: str = "", raws: Mapping | None = None) -> dict[str, np.ndarray]:
     """A request's feeds as arrays, bounded by max_tensor_elements; checking them
-    against the graph's inputs is left to the plan."""
+    against the graph's inputs is left to the plan. `raws`: tensors' raw bytes read
+    apart (`wire.read_evaluate_request`: views of the request, not copied)."""
+    raws = raws or {}
     limit = config.limit(config.max_tensor_elements)
     out = {}
     for name, t in tensors.items():
@@ -378,7 +380,7 @@ def decode_feeds(tensors: Mapping[str, ir_pb2.Tensor], config: ServerConfig,
                              f"{config.max_name_bytes}", field=f"{prefix}inputs")
         where = f"{prefix}inputs.{name}"
         try:
-            out[name] = from_tensor(t, where, max_elements=limit)
+            out[name] = from_tensor(t, where, max_elements=limit, raw=raws.get(name))
         except (ValueError, OverflowError) as e:  # numpy range errors: a bad feed
             raise InputError(f"input {name!r} cannot be decoded: {e}", field=where) from None
     return out

@@ -51,7 +51,7 @@ from adsvc_protocol.modes import REVERSE, mode_from_enum
 from adsvc_protocol.proto import ir_pb2, service_pb2, service_pb2_grpc
 from adsvc_protocol.scalar_wire import leading_handle
 from adsvc_protocol.tensors import to_tensor, type_to_proto
-from adsvc_protocol.wire import worth_it
+from adsvc_protocol.wire import LEAN_BYTES, read_evaluate_request, worth_it
 
 _CPUS = os.cpu_count() or 1  # read once: the load estimate runs on every call
 log = logging.getLogger("adsvc.server")
@@ -83,9 +83,36 @@ def _parse(cls, data, field: str):
     try:
         msg.ParseFromString(data if isinstance(data, bytes) else bytes(data))  # no copy of bytes
     except Exception:  # DecodeError, RecursionError, ...: all mean "not this message"
-        raise InvalidRequestError(f"the request is not a valid {cls.DESCRIPTOR.full_name} "
-                                  "message", field=field) from None
+        raise _not_a(cls, field) from None
     return msg
+
+
+def _not_a(cls, field: str) -> InvalidRequestError:
+    return InvalidRequestError(f"the request is not a valid {cls.DESCRIPTOR.full_name} "
+                               "message", field=field)
+
+
+def _parse_evaluate(data) -> tuple[service_pb2.EvaluateRequest, dict]:
+    """(the EvaluateRequest, {input: its raw bytes read apart}): a large one's tensors
+    are views of the request bytes (`wire.read_evaluate_request`), not copies."""
+    if not isinstance(data, bytes) or len(data) < LEAN_BYTES:
+        return _parse(service_pb2.EvaluateRequest, data, ""), {}
+    try:
+        return read_evaluate_request(data)
+    except Exception:  # as `_parse`
+        raise _not_a(service_pb2.EvaluateRequest, "") from None
+
+
+class _Peer:
+    """A call's peer address, asked of gRPC when the access line is written."""
+
+    __slots__ = ("context",)
+
+    def __init__(self, context):
+        self.context = context
+
+    def __str__(self) -> str:
+        return self.context.peer()
 
 
 class Call:
@@ -99,10 +126,14 @@ class Call:
         self.rpc = rpc
         self.context = context
         self.start = time.perf_counter()
-        raw = tuple(context.invocation_metadata() or ())
-        md = dict(raw)
-        self.authorization = [v for k, v in raw if k == "authorization"]
-        self.request_id = (md.get(REQUEST_ID) or uuid.uuid4().hex)[:128]
+        self.authorization = []
+        request_id = ""
+        for key, value in context.invocation_metadata() or ():
+            if key == REQUEST_ID:
+                request_id = value  # (the last one, as a dict of them would keep)
+            elif key == "authorization":
+                self.authorization.append(value)
+        self.request_id = (request_id or uuid.uuid4().hex)[:128]
         self.field_prefix = ""
         self.checks = 0  # interrupt() calls during evaluation
         self.steps = 0  # evaluation steps done when last checked
@@ -216,7 +247,7 @@ class AutodiffServicer(service_pb2_grpc.AutodiffServiceServicer):
         self.stopping = False  # set at shutdown: calls then ending CANCELLED were cut short
         self._calls: set[Call] = set()  # calls in progress
         self._busy = 0  # slots taken (of max_concurrent_rpcs), under _lock
-        self._access = AccessLog(log)
+        self.access = AccessLog(log)
         self.metrics.in_flight.set_function(lambda: self.counters["calls_in_flight"])
         self._watchdog = Watchdog()
 
@@ -254,12 +285,10 @@ class AutodiffServicer(service_pb2_grpc.AutodiffServiceServicer):
                 c["cut_short"] += 1
             c["calls_in_flight"] -= 1
             self._calls.discard(call)
-        m = self.metrics
-        m.of(m.calls, call.rpc, call.status).inc()
         seconds = time.perf_counter() - call.start
-        m.of(m.latency, call.rpc).observe(seconds)
-        self._access.write("rpc=%s request_id=%s status=%s ms=%.1f peer=%s%s", (
-            call.rpc, call.request_id, call.status, seconds * 1000, call.context.peer(),
+        self.metrics.calls.ended(call.rpc, call.status, seconds)
+        self.access.write("rpc=%s request_id=%s status=%s ms=%.1f peer=%s%s", (
+            call.rpc, call.request_id, call.status, seconds * 1000, _Peer(call.context),
             call.detail))
         if call.large or " cache=miss" in call.detail:
             TRIMMER.note()  # big requests and compiles leave freed memory the allocator keeps
@@ -417,7 +446,7 @@ class AutodiffServicer(service_pb2_grpc.AutodiffServiceServicer):
         resp = path.read(data) if path else None  # request bytes as the SDK writes them
         request = None
         if resp is None:
-            request = _parse(service_pb2.EvaluateRequest, data, "")
+            request, raws = _parse_evaluate(data)
             if entry is not None and request.WhichOneof("source") == "handle" \
                     and request.handle == entry.handle:
                 self._use(entry, call)
@@ -428,7 +457,7 @@ class AutodiffServicer(service_pb2_grpc.AutodiffServiceServicer):
         else:
             self._use(entry, call)
         if resp is None:
-            return self._evaluate(entry, request, call)
+            return self._evaluate(entry, request, call, raws)
         call.detail += entry.plan.cost.log_fields  # the small-call path: floats in, bytes out
         self._limit_response(resp)
         return resp
@@ -444,9 +473,9 @@ class AutodiffServicer(service_pb2_grpc.AutodiffServiceServicer):
         handle = leading_handle(data) if isinstance(data, bytes) else None
         return self.compiler.peek(handle) if handle else None
 
-    def _evaluate(self, entry, request, call):
+    def _evaluate(self, entry, request, call, raws):
         """Evaluate's general path: feeds as arrays, outputs as Tensors (or bytes)."""
-        feeds = decode_feeds(request.inputs, self.config)
+        feeds = decode_feeds(request.inputs, self.config, raws=raws)
         call.detail += _cost(self.compiler.runnable(entry, feeds))
         values = evaluate(entry, feeds, call.interrupt, tuple(request.output_filter))
         if worth_it(values.values()):  # bytes, sent as they are (`_serialize`)

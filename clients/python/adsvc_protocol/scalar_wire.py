@@ -18,6 +18,7 @@ protobuf would build from the same fields (tests/test_small_calls.py).
 
 from __future__ import annotations
 
+import itertools
 import struct
 from collections.abc import Sequence
 
@@ -60,6 +61,10 @@ class Layout:
         self._args = [x for h in heads for x in (h, 0.0)] + [tail]
         self._parts = tuple(parts)
         self.size = self._struct.size
+        # the message with zeros for the doubles, and where each double starts
+        self.template = self.pack([0.0] * self.count)
+        starts = itertools.accumulate(len(h) + 8 for h in heads)
+        self.offsets = [end - 8 for end in starts]
 
     def pack(self, values: Sequence[float]) -> bytes:
         """The message with these `count` doubles."""

@@ -10,8 +10,9 @@ small parts (handle, map keys, dtype, dims) are serialized by protobuf itself an
 raw field's tag and length are written here, so the tensors' arrays go straight into
 one `bytes.join`. The result parses to exactly the message `EvaluateRequest(handle=...,
 inputs={name: to_tensor(...)})` (or the response) would be (tests/test_wire.py).
-`read_evaluate_response` (the SDK) reads a response's tensors as views of the received
-bytes: protobuf's parse copies them, and so does every read of a Tensor's raw field.
+`read_evaluate_response` (the SDK) and `read_evaluate_request` (the server) read the
+tensors of a large message as views of the received bytes: protobuf's parse copies
+them, and so does every read of a Tensor's raw field.
 """
 
 from __future__ import annotations
@@ -137,6 +138,35 @@ def _tensor_parts(buf: bytes, start: int, end: int) -> tuple[ir_pb2.Tensor, memo
             raw, pos = memoryview(buf)[value:after], after
     small.append(buf[pos:end])
     return ir_pb2.Tensor.FromString(b"".join(small)), raw
+
+
+def read_evaluate_request(buf: bytes) -> tuple[service_pb2.EvaluateRequest, dict]:
+    """(the EvaluateRequest without its inputs' raw bytes, {input: raw bytes as a view
+    of `buf`}) of a serialized request (the server, for large ones): protobuf's parse
+    copies the tensors, and so does each read of a raw field. Everything but the inputs'
+    raw bytes is parsed by protobuf; anything malformed is parsed by protobuf whole,
+    which raises its own error (then the views are empty)."""
+    try:
+        rest, tensors, raws, pos = [], {}, {}, 0
+        for number, at, value, after in _fields(buf, 0, len(buf), (_INPUTS,)):
+            if number != _INPUTS:
+                continue
+            key, tensor = "", (ir_pb2.Tensor(), memoryview(b""))
+            for n, _, v, a in _fields(buf, value, after):
+                if n == _KEY:
+                    key = buf[v:a].decode("utf-8")
+                elif n == _VALUE:
+                    tensor = _tensor_parts(buf, v, a)
+            rest.append(buf[pos:at])
+            pos = after
+            tensors[key], raws[key] = tensor  # (the last entry of a key counts)
+        rest.append(buf[pos:])
+        msg = service_pb2.EvaluateRequest.FromString(b"".join(rest))
+        for key, t in tensors.items():
+            msg.inputs[key].CopyFrom(t)
+        return msg, raws
+    except (ValueError, IndexError, UnicodeDecodeError, DecodeError):
+        return service_pb2.EvaluateRequest.FromString(buf), {}  # (raises its DecodeError)
 
 
 def read_evaluate_response(buf: bytes) -> tuple[str, dict[str, tuple]]:
