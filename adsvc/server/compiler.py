@@ -193,9 +193,9 @@ class Compiler:
         return self.cache.peek(handle)
 
     def use(self, entry: Entry) -> None:
-        """Count a `peek`ed entry's lookup as `lookup` would (a hit, now recently used)."""
+        """A `peek`ed entry is used: a hit of the cache, now recently used (the caller
+        counts the hit in the metrics: `CallMetrics.ended`)."""
         self.cache.get(entry.handle)
-        self.metrics.calls.looked_up("hit")
 
     def _cached(self, key: str) -> Entry | None:
         entry = self.cache.get(key)

@@ -120,7 +120,7 @@ class Call:
 
     __slots__ = ("rpc", "context", "start", "authorization", "request_id", "field_prefix",
                  "checks", "steps", "interrupted", "idle_expired", "detail", "status",
-                 "load", "large")
+                 "load", "large", "hit")
 
     def __init__(self, rpc: str, context: grpc.ServicerContext):
         self.rpc = rpc
@@ -143,6 +143,7 @@ class Call:
         self.status = "OK"  # the status code name the call ended with (logged)
         self.load: Callable[[], float] = lambda: 1.0  # how much slower steps run now
         self.large = False  # the request was big (its memory is handed back afterwards)
+        self.hit = False  # a cache hit not counted yet (`_use`: counted at the end)
 
     def interrupt(self, steps: int = 0, upcoming: float = 0.0) -> None:
         """Raise if the deadline expired, the client went away, or the `upcoming` step
@@ -286,7 +287,7 @@ class AutodiffServicer(service_pb2_grpc.AutodiffServiceServicer):
             c["calls_in_flight"] -= 1
             self._calls.discard(call)
         seconds = time.perf_counter() - call.start
-        self.metrics.calls.ended(call.rpc, call.status, seconds)
+        self.metrics.calls.ended(call.rpc, call.status, seconds, call.hit)
         self.access.write("rpc=%s request_id=%s status=%s ms=%.1f peer=%s%s", (
             call.rpc, call.request_id, call.status, seconds * 1000, _Peer(call.context),
             call.detail))
@@ -459,12 +460,15 @@ class AutodiffServicer(service_pb2_grpc.AutodiffServiceServicer):
         if resp is None:
             return self._evaluate(entry, request, call, raws)
         call.detail += entry.plan.cost.log_fields  # the small-call path: floats in, bytes out
-        self._limit_response(resp)
+        limit = self.config.max_message_bytes
+        if limit and len(resp) > limit:
+            self._limit_response(resp)  # (raises)
         return resp
 
     def _use(self, entry: Entry, call: Call) -> None:
-        """A `_small_entry` is this call's: counted as a cache lookup, logged."""
+        """A `_small_entry` is this call's: counted as a cache hit (at its end), logged."""
         self.compiler.use(entry)
+        call.hit = True
         call.detail += " cache=handle"
 
     def _small_entry(self, data) -> Entry | None:
