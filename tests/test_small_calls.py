@@ -184,6 +184,17 @@ def test_only_float_tapes_take_the_path(server, rpc):
     assert _entry(server, h).scalar is None
 
 
+def test_many_inputs_do_not_take_the_path(server, rpc):
+    n = W.MAX_VALUES + 1
+    many = adsvc.trace(lambda **xs: sum(xs.values(), 0.0) * 2.0,
+                       **{f"x{i}": adsvc.f64() for i in range(n)})
+    h = _compiled(rpc, many).handle
+    resp = rpc.Evaluate(request(h, {f"x{i}": float(i) for i in range(n)}, ("grad:x7",)),
+                        timeout=60)
+    assert struct.unpack("<d", resp.outputs["grad:x7"].raw) == (2.0,)
+    assert _entry(server, h).scalar is None
+
+
 def test_forward_mode_tangents_take_the_path(server, rpc):
     diff = _compiled(rpc, modes=(S.MODE_FORWARD,), seed=False)
     h, name = diff.handle, diff.outputs[0].name

@@ -36,9 +36,13 @@ _TENSOR_HEAD = ir_pb2.Tensor(dtype=F64, raw=bytes(8)).SerializeToString()[:-8]
 _TENSOR_LEN = len(_TENSOR_HEAD) + 8
 
 
+MAX_VALUES = 1024  # inputs or outputs at most: small calls (layouts are kept per call)
+
+
 def all_scalars(signature) -> bool:
-    """Is every entry of a {name: (dtype, shape)} signature a float64 scalar?"""
-    return all(sig == SCALAR for sig in signature.values())
+    """Is every entry of a {name: (dtype, shape)} signature a float64 scalar, and are
+    there at most MAX_VALUES?"""
+    return len(signature) <= MAX_VALUES and all(sig == SCALAR for sig in signature.values())
 
 
 def _entry_head(number: int, name: str) -> bytes:
