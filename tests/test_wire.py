@@ -36,13 +36,33 @@ CASES = [
 ]
 
 
+def _unpadded(msg, field: str):
+    """`msg` with the Tensor.pad fields cleared (ignored on read), and the pads' sizes."""
+    sizes = []
+    for t in getattr(msg, field).values():
+        sizes.append(len(t.pad))
+        t.ClearField("pad")
+    return msg, sizes
+
+
+def _aligned(buf: bytes, tensors) -> bool:
+    """Does every nonempty tensor's raw data start at a multiple of wire.ALIGN?"""
+    from adsvc_protocol import wire
+
+    found = [raw for _, (_, raw) in tensors.items()]
+    return all(np.frombuffer(buf, np.uint8).ctypes.data % 8 == 0 and
+               (len(raw) == 0 or (np.frombuffer(raw, np.uint8).ctypes.data
+                                  - np.frombuffer(buf, np.uint8).ctypes.data) % wire.ALIGN == 0)
+               for raw in found)
+
+
 @pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
 def test_each_tensor_parses_to_the_protobuf_message(case):
     name, dtype, value = case
     raw = evaluate_request("h" * 64, [case])
     want = S.EvaluateRequest(handle="h" * 64, inputs={name: to_tensor(value, dtype)})
-    got = S.EvaluateRequest.FromString(raw)
-    assert got == want
+    got, pads = _unpadded(S.EvaluateRequest.FromString(raw), "inputs")
+    assert got == want and all(p < 8 for p in pads)  # (pads of 2 to 9 bytes in all)
     np.testing.assert_array_equal(from_tensor(got.inputs[name]), np.asarray(value))
 
 
@@ -50,7 +70,24 @@ def test_several_inputs_in_one_request():
     raw = evaluate_request("abc", CASES)
     want = S.EvaluateRequest(handle="abc",
                              inputs={n: to_tensor(v, d) for n, d, v in CASES})
-    assert S.EvaluateRequest.FromString(raw) == want
+    assert _unpadded(S.EvaluateRequest.FromString(raw), "inputs")[0] == want
+    msg, raws = read_evaluate_request(raw)
+    assert _aligned(raw, {k: (None, v) for k, v in raws.items()})
+
+
+@pytest.mark.parametrize("n", [1, 15, 16, 17, 2**14 - 1, 2**14, 2**21 - 2, 2**21])
+@pytest.mark.parametrize("handle", ["", "h", "h" * 64, "h" * 200])
+def test_raw_data_starts_aligned_whatever_the_lengths(n, handle):
+    """Lengths around the varints' size steps (2**7, 2**14, 2**21 bytes) and handles
+    of any length: the pad puts each raw field's bytes at a multiple of 8 of the
+    message, in requests and responses."""
+    x = np.arange(n, dtype=np.float64)
+    pair = [("x", "float64", x), ("y" * 130, "int32", np.arange(n % 7 + 1, dtype=np.int32))]
+    req = evaluate_request(handle, pair, ("f",))
+    assert _aligned(req, {k: (None, v) for k, v in read_evaluate_request(req)[1].items()})
+    resp = evaluate_response(handle, pair)
+    assert _aligned(resp, read_evaluate_response(resp)[1])
+    np.testing.assert_array_equal(np.frombuffer(read_evaluate_response(resp)[1]["x"][1]), x)
 
 
 @pytest.mark.parametrize("n", [1000, 20_000])  # under and over wire.LEAN_BYTES
@@ -79,7 +116,8 @@ def test_the_response_parses_to_the_protobuf_message():
     raw = evaluate_response("handle-1", CASES)
     want = S.EvaluateResponse(handle="handle-1",
                               outputs={n: to_tensor(v, d) for n, d, v in CASES})
-    assert S.EvaluateResponse.FromString(raw) == want
+    assert _unpadded(S.EvaluateResponse.FromString(raw), "outputs")[0] == want
+    assert _aligned(raw, read_evaluate_response(raw)[1])
     assert S.EvaluateResponse.FromString(evaluate_response("h", [])) == \
         S.EvaluateResponse(handle="h")
 

@@ -27,7 +27,8 @@ from adsvc_protocol.tensors import TO_ENUM, raw_array
 _HANDLE, _INPUTS = 2, 4  # EvaluateRequest.handle, EvaluateRequest.inputs (a map)
 _OUTPUTS, _HANDLE_OUT = 1, 2  # EvaluateResponse.outputs (a map), EvaluateResponse.handle
 _KEY, _VALUE = 1, 2  # a map entry's key and value
-_RAW = 3  # Tensor.raw
+_RAW, _PAD = 3, 15  # Tensor.raw, Tensor.pad
+ALIGN = 8  # raw data starts at a multiple of this in messages written here
 # below this many tensor bytes in all, protobuf's own encoding is faster (its C code
 # against a few Python calls per tensor here)
 LEAN_BYTES = 1 << 16
@@ -55,19 +56,35 @@ def _field(number: int, length: int) -> bytes:
     return _varint(number << 3 | 2) + _varint(length)
 
 
-def _tensor_map(number: int, tensors: list[tuple[str, str, object]]) -> list:
-    """The parts of the entries of map<string, Tensor> field `number`."""
-    parts = []
+def _padding(size: int) -> bytes:
+    """A Tensor.pad field of `size` bytes in all (2 to 129)."""
+    return _field(_PAD, size - 2) + bytes(size - 2)
+
+
+def _tensor_map(number: int, tensors: list[tuple[str, str, object]], start: int = 0) -> list:
+    """The parts of the entries of map<string, Tensor> field `number`, which starts at
+    byte `start` of the message: each raw field's bytes start at a multiple of ALIGN
+    (a Tensor.pad field in front of it), so the reader can use them in place."""
+    parts, pos = [], start
     for name, dtype, value in tensors:
         arr = raw_array(value, dtype)
         head = ir_pb2.Tensor(dtype=TO_ENUM[dtype], dims=arr.shape).SerializeToString()
         data = memoryview(arr).cast("B") if arr.size else b""
-        tensor = [head, _field(_RAW, len(data)), data] if len(data) else [head]
-        t_len = sum(len(p) for p in tensor)
         key = name.encode("utf-8")
         key_field = _field(_KEY, len(key)) + key
-        entry_len = len(key_field) + len(_field(_VALUE, t_len)) + t_len
-        parts += [_field(number, entry_len), key_field, _field(_VALUE, t_len), *tensor]
+        pad = b""
+        while True:  # (a longer pad can lengthen the lengths' varints: at most twice)
+            tensor = [head, pad, _field(_RAW, len(data))] if len(data) else [head]
+            t_len = sum(len(p) for p in tensor) + len(data)
+            entry_len = len(key_field) + len(_field(_VALUE, t_len)) + t_len
+            front = [_field(number, entry_len), key_field, _field(_VALUE, t_len), *tensor]
+            at = pos + sum(len(p) for p in front)  # where the data starts
+            if not len(data) or at % ALIGN == 0:
+                break
+            need = (len(pad) - at) % ALIGN
+            pad = _padding(need if need >= 2 else need + ALIGN)
+        parts += [*front, data] if len(data) else front
+        pos = at + len(data)
     return parts
 
 
@@ -75,8 +92,9 @@ def evaluate_request(handle: str, inputs: list[tuple[str, str, object]],
                      output_filter: tuple[str, ...] = ()) -> bytes:
     """The serialized EvaluateRequest for `handle` with `inputs` [(name, dtype, value)]
     (values already checked against the signature) and `output_filter`."""
-    head = service_pb2.EvaluateRequest(handle=handle, output_filter=output_filter)
-    return b"".join([head.SerializeToString(), *_tensor_map(_INPUTS, inputs)])
+    head = service_pb2.EvaluateRequest(handle=handle,
+                                       output_filter=output_filter).SerializeToString()
+    return b"".join([head, *_tensor_map(_INPUTS, inputs, len(head))])
 
 
 def evaluate_response(handle: str, outputs: list[tuple[str, str, object]]) -> bytes:
