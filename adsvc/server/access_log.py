@@ -5,9 +5,11 @@ capture, a deployment's own handlers or filters). In the configuration `adsvc se
 installs — the records reach one plain StreamHandler whose formatter is `FORMAT` with
 the default clock — the call only queues (time, format, arguments), and a writer
 thread formats the lines and writes them to that handler's stream under its lock: the
-very text the handler would write, with the call's own time, written moments after the
-response went out (a batch per write when calls come fast) instead of while the client
-waits. `flush` writes what is queued (at shutdown and at exit). On a small call the
+very text the handler would write, with the call's own time, written a few ms after the
+response went out (the writer, once woken, waits GATHER seconds and writes what came in
+one write) instead of while the client waits. Waking the writer per line cost more
+than writing: under 8 client threads throughput fell from 82% to 64% of a bare
+echo's. `flush` writes what is queued (at shutdown and at exit). On a small call the
 synchronous record was about a third of the server's own Python time.
 """
 
@@ -36,6 +38,7 @@ class AccessLog:
     """Writes access lines for `logger` (see the module docstring)."""
 
     BATCH = 512  # lines per write at most
+    GATHER = 0.005  # seconds the writer waits, once woken, for more lines to write at once
 
     def __init__(self, logger: logging.Logger):
         self.logger = logger
@@ -95,6 +98,8 @@ class AccessLog:
         get = self._queue.get
         while True:
             items = [get()]
+            if self.GATHER:  # (lines come with the next calls: one wake-up for several)
+                time.sleep(self.GATHER)
             while len(items) < self.BATCH and not self._queue.empty():
                 items.append(get())
             self._write(items)
