@@ -8,11 +8,13 @@ import io
 import logging
 import math
 import struct
+import threading
 import time
 
 import grpc
 import numpy as np
 import pytest
+from service_fixtures import wait_until
 
 import adsvc
 from adsvc.runtime.tape import TapePlan
@@ -385,3 +387,45 @@ def test_the_c_small_call_checks_its_layouts():
                 (rq, io, rs, oo, src[:4])]:  # sources and offsets differ in number
         with pytest.raises(ValueError):
             small_call(plan.native, *bad, data)
+
+
+def test_a_stuck_stream_holds_the_calls_back_instead_of_queueing(monkeypatch):
+    lg, (out,) = _logger("test.access.stuck")
+    access = AccessLog(lg)
+    monkeypatch.setattr(AccessLog, "MAX_PENDING", 3)
+    monkeypatch.setattr(AccessLog, "GATHER", 0.0)  # (the writer takes the first line alone)
+    gate = threading.Event()
+    real = access._emit
+
+    def slow(handler, lines):
+        gate.wait(10)
+        real(handler, lines)
+    monkeypatch.setattr(access, "_emit", slow)
+    access.write(FMT, ARGS)  # the writer takes it and blocks in its write
+    assert wait_until(lambda: access._queue.qsize() == 0, 10)
+    time.sleep(0.2)  # (it is in `slow` now)
+    for _ in range(3):
+        access.write(FMT, ARGS)  # queued
+    assert access._queue.qsize() == 3
+    done = threading.Thread(target=access.write, args=(FMT, ARGS))
+    done.start()  # over the bound: this call writes its own line, waiting for the stream
+    done.join(0.3)
+    assert done.is_alive() and access._queue.qsize() == 3
+    gate.set()
+    done.join(10)
+    access.flush()
+    assert out.getvalue().count("request_id=r-1") == 5
+
+
+def test_the_writer_survives_a_failing_line(monkeypatch, caplog):
+    lg, (out,) = _logger("test.access.bad")
+    access = AccessLog(lg)
+
+    class Broken:
+        def __str__(self):
+            raise RuntimeError("no peer")
+    access.write("peer=%s", (Broken(),))
+    access.flush()
+    access.write(FMT, ARGS)
+    access.flush()
+    assert "request_id=r-1" in out.getvalue()

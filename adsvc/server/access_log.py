@@ -9,7 +9,9 @@ very text the handler would write, with the call's own time, written a few ms af
 response went out (the writer, once woken, waits GATHER seconds and writes what came in
 one write) instead of while the client waits. Waking the writer per line cost more
 than writing: under 8 client threads throughput fell from 82% to 64% of a bare
-echo's. `flush` writes what is queued (at shutdown and at exit). On a small call the
+echo's. At most MAX_PENDING lines wait: with the stream stuck (nobody reads the log),
+calls write their own lines and wait for it, as a plain handler makes them. `flush`
+writes what is queued (at shutdown and at exit). On a small call the
 synchronous record was about a third of the server's own Python time.
 """
 
@@ -39,6 +41,7 @@ class AccessLog:
 
     BATCH = 512  # lines per write at most
     GATHER = 0.005  # seconds the writer waits, once woken, for more lines to write at once
+    MAX_PENDING = 10_000  # lines queued at most; beyond, a call writes its own line
 
     def __init__(self, logger: logging.Logger):
         self.logger = logger
@@ -68,6 +71,9 @@ class AccessLog:
         handler = self._only_handler()
         if handler is None:
             self._record(fmt, args)
+            return
+        if self._queue.qsize() >= self.MAX_PENDING:  # the stream is stuck: wait with it
+            self._emit(handler, [self._line(time.time(), fmt, args)])
             return
         self._queue.put((time.time(), handler, fmt, args))
         if self._writer_pid != os.getpid():
@@ -102,7 +108,13 @@ class AccessLog:
                 time.sleep(self.GATHER)
             while len(items) < self.BATCH and not self._queue.empty():
                 items.append(get())
-            self._write(items)
+            try:
+                self._write(items)
+            except Exception:  # a bug must not stop the writer (the queue would grow)
+                logging.getLogger(__name__).exception("the access log writer failed")
+                for item in items:
+                    if isinstance(item, threading.Event):
+                        item.set()
 
     def _write(self, items: list) -> None:
         """Write queued lines (in order, one write per handler run) and set the flush

@@ -112,7 +112,10 @@ class _Peer:
         self.context = context
 
     def __str__(self) -> str:
-        return self.context.peer()
+        try:
+            return self.context.peer()
+        except Exception:  # (a context that cannot say any more)
+            return "unknown"
 
 
 class Call:

@@ -325,7 +325,7 @@ class RemoteClient(ClientBase):
         if got is not None:  # the small-call path's layout: float64 scalars
             return got
         handle, outs = _outputs(response)
-        h.handle = handle
+        h.handle = handle or h.handle  # (the graph's handle, new after a re-send)
         return {name: from_tensor(t, f"outputs.{name}", E.AdsvcError, raw=raw)
                 for name, (t, raw) in outs.items()}
 
