@@ -130,23 +130,24 @@ class BenchServer:
     # -- log --------------------------------------------------------------------------
     def _drain_stderr(self) -> None:
         """Read the log file as it grows, every LOG_POLL seconds, until the server exits
-        and the file is read to its end."""
-        with open(self._log.fileno(), "rb", closefd=False) as f:
-            rest = b""
-            while True:
-                exited = not self.alive()
-                chunk = f.read()
-                if chunk:
-                    *done, rest = (rest + chunk).split(b"\n")
-                    self._add_lines([ln.decode(errors="replace") + "\n" for ln in done])
-                elif exited:
-                    if rest:
-                        self._add_lines([rest.decode(errors="replace")])
-                    with self._lock:
-                        self._new.notify_all()
-                    return
-                else:
-                    time.sleep(LOG_POLL)
+        and the file is read to its end (pread at an offset of our own: the server's
+        stderr shares the file's offset, which is always at the end)."""
+        fd, at, rest = self._log.fileno(), 0, b""
+        while True:
+            exited = not self.alive()
+            chunk = os.pread(fd, 1 << 20, at)
+            at += len(chunk)
+            if chunk:
+                *done, rest = (rest + chunk).split(b"\n")
+                self._add_lines([ln.decode(errors="replace") + "\n" for ln in done])
+            elif exited:
+                if rest:
+                    self._add_lines([rest.decode(errors="replace")])
+                with self._lock:
+                    self._new.notify_all()
+                return
+            else:
+                time.sleep(LOG_POLL)
 
     def _add_lines(self, lines: list[str]) -> None:
         seen = time.monotonic()
