@@ -243,3 +243,37 @@ def test_the_server_reads_large_requests_in_place():
             raw(b"\x22\xff\xff\x03" + bytes(70_000), timeout=30)
         assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
         assert "not a valid adsvc.v1.EvaluateRequest" in e.value.details()
+
+
+@pytest.mark.parametrize("first", [1, 16, 8192])
+def test_later_entries_at_varint_steps_are_aligned_too(first):
+    """A second entry whose lengths sit at a varint step (entry length 127/128 and
+    16383/16384, whatever the key's length): a pad that lengthens the entry's length
+    varint must not undo the alignment (it once alternated between two pads forever)."""
+    for n2 in [*range(10, 18), *range(2038, 2050)]:
+        for key in ("b", "grad:bias", "k" * 60, "k" * 127):
+            pair = [("y", "float64", np.zeros(first)),
+                    (key, "float64", np.arange(n2, dtype=np.float64))]
+            resp = evaluate_response("a" * 64, pair)
+            assert _aligned(resp, read_evaluate_response(resp)[1]), (n2, key)
+            req = evaluate_request("a" * 64, pair)
+            assert _aligned(req, {k: (None, v) for k, v in read_evaluate_request(req)[1].items()})
+            assert _unpadded(S.EvaluateResponse.FromString(resp), "outputs")[0] == \
+                S.EvaluateResponse(handle="a" * 64,
+                                   outputs={n: to_tensor(v, d) for n, d, v in pair})
+
+
+def test_an_entry_with_its_value_twice_is_merged_as_protobuf_does():
+    """protobuf merges an entry's repeated `value` messages (dtype and dims from one,
+    raw from the other): both readers give what protobuf gives."""
+    from adsvc_protocol.wire import _field
+
+    head = ir_pb2.Tensor(dtype=ir_pb2.DTYPE_FLOAT64, dims=[8192]).SerializeToString()
+    data = ir_pb2.Tensor(raw=np.arange(8192, dtype=np.float64).tobytes()).SerializeToString()
+    body = b"\x0a\x01x" + _field(2, len(head)) + head + _field(2, len(data)) + data
+    for number, read, parse in [(4, _read_request, _protobuf_request),
+                                (1, _read, _protobuf)]:
+        buf = _field(number, len(body)) + body
+        got, want = read(buf), parse(buf)
+        _same(got, want)
+        assert list(got[1]["x"][1]) == [8192]

@@ -131,7 +131,10 @@ class AccessLog:
             if h is not handler:
                 self._emit(handler, lines)
                 lines, handler = [], h
-            lines.append(self._line(now, fmt, args))
+            try:
+                lines.append(self._line(now, fmt, args))
+            except Exception:  # this line only (the record path reports it)
+                self._record(fmt, args)
         self._emit(handler, lines)
 
     def _line(self, now: float, fmt: str, args: tuple) -> str:

@@ -192,10 +192,10 @@ class Compiler:
         caller counts one it uses: `use`)."""
         return self.cache.peek(handle)
 
-    def use(self, entry: Entry) -> None:
-        """A `peek`ed entry is used: a hit of the cache, now recently used (the caller
-        counts the hit in the metrics: `CallMetrics.ended`)."""
-        self.cache.get(entry.handle)
+    def use(self, entry: Entry) -> bool:
+        """A `peek`ed entry is used: looked up in the cache (now recently used); False if
+        it was evicted since. The caller counts the lookup in the metrics."""
+        return self.cache.get(entry.handle) is not None
 
     def _cached(self, key: str) -> Entry | None:
         entry = self.cache.get(key)

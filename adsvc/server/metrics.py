@@ -38,13 +38,13 @@ class CallMetrics:
         with self._lock:
             self._lookups[result] = self._lookups.get(result, 0) + 1
 
-    def ended(self, rpc: str, status: str, seconds: float, hit: bool = False) -> None:
-        """Count a call that ended with `status` after `seconds` (and, with `hit`, the
-        cache hit it had)."""
+    def ended(self, rpc: str, status: str, seconds: float, lookup: str = "") -> None:
+        """Count a call that ended with `status` after `seconds` (and a cache lookup it
+        made, "hit" or "miss", not counted yet)."""
         bucket = bisect.bisect_left(LATENCY_BUCKETS, seconds)  # (the first bound >= it)
         with self._lock:
-            if hit:
-                self._lookups["hit"] = self._lookups.get("hit", 0) + 1
+            if lookup:
+                self._lookups[lookup] = self._lookups.get(lookup, 0) + 1
             key = (rpc, status)
             self._calls[key] = self._calls.get(key, 0) + 1
             h = self._seconds.get(rpc)

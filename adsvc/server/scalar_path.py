@@ -103,6 +103,8 @@ class ScalarPath:
             native = (request.template, _int32s(request.offsets), response.template,
                       _int32s(response.offsets), _int32s(found[1]))
             with self._lock:
+                if wanted in self._layouts:  # (another call added it meanwhile)
+                    return self._layouts[wanted]
                 if len(self._layouts) >= LAYOUTS:
                     self._layouts.clear()
                     self._known = ()

@@ -103,19 +103,12 @@ def _parse_evaluate(data) -> tuple[service_pb2.EvaluateRequest, dict]:
         raise _not_a(service_pb2.EvaluateRequest, "") from None
 
 
-class _Peer:
-    """A call's peer address, asked of gRPC when the access line is written."""
-
-    __slots__ = ("context",)
-
-    def __init__(self, context):
-        self.context = context
-
-    def __str__(self) -> str:
-        try:
-            return self.context.peer()
-        except Exception:  # (a context that cannot say any more)
-            return "unknown"
+def _peer(context) -> str:
+    """The call's peer address for its log line."""
+    try:
+        return context.peer()
+    except Exception:  # (a context that cannot say any more)
+        return "unknown"
 
 
 class Call:
@@ -123,7 +116,7 @@ class Call:
 
     __slots__ = ("rpc", "context", "start", "authorization", "request_id", "field_prefix",
                  "checks", "steps", "interrupted", "idle_expired", "detail", "status",
-                 "load", "large", "hit")
+                 "load", "large", "lookup")
 
     def __init__(self, rpc: str, context: grpc.ServicerContext):
         self.rpc = rpc
@@ -146,7 +139,7 @@ class Call:
         self.status = "OK"  # the status code name the call ended with (logged)
         self.load: Callable[[], float] = lambda: 1.0  # how much slower steps run now
         self.large = False  # the request was big (its memory is handed back afterwards)
-        self.hit = False  # a cache hit not counted yet (`_use`: counted at the end)
+        self.lookup = ""  # a cache lookup's result not counted yet (`_use`: at the end)
 
     def interrupt(self, steps: int = 0, upcoming: float = 0.0) -> None:
         """Raise if the deadline expired, the client went away, or the `upcoming` step
@@ -290,9 +283,9 @@ class AutodiffServicer(service_pb2_grpc.AutodiffServiceServicer):
             c["calls_in_flight"] -= 1
             self._calls.discard(call)
         seconds = time.perf_counter() - call.start
-        self.metrics.calls.ended(call.rpc, call.status, seconds, call.hit)
+        self.metrics.calls.ended(call.rpc, call.status, seconds, call.lookup)
         self.access.write("rpc=%s request_id=%s status=%s ms=%.1f peer=%s%s", (
-            call.rpc, call.request_id, call.status, seconds * 1000, _Peer(call.context),
+            call.rpc, call.request_id, call.status, seconds * 1000, _peer(call.context),
             call.detail))
         if call.large or " cache=miss" in call.detail:
             TRIMMER.note()  # big requests and compiles leave freed memory the allocator keeps
@@ -469,9 +462,9 @@ class AutodiffServicer(service_pb2_grpc.AutodiffServiceServicer):
         return resp
 
     def _use(self, entry: Entry, call: Call) -> None:
-        """A `_small_entry` is this call's: counted as a cache hit (at its end), logged."""
-        self.compiler.use(entry)
-        call.hit = True
+        """A `_small_entry` is this call's: counted as a cache lookup (at its end) as
+        the cache counted it, logged."""
+        call.lookup = "hit" if self.compiler.use(entry) else "miss"
         call.detail += " cache=handle"
 
     def _small_entry(self, data) -> Entry | None:

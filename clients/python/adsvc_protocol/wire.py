@@ -72,8 +72,11 @@ def _tensor_map(number: int, tensors: list[tuple[str, str, object]], start: int 
         data = memoryview(arr).cast("B") if arr.size else b""
         key = name.encode("utf-8")
         key_field = _field(_KEY, len(key)) + key
-        pad = b""
-        while True:  # (a longer pad can lengthen the lengths' varints: at most twice)
+        # no pad, then pads of 2, 3, ... bytes: the first that aligns the data (a longer
+        # pad can lengthen the entry's length varints, so not every size aligns; two of
+        # them would have to cross a varint step for none of 2..2 * ALIGN + 1 to)
+        for size in (0, *range(2, 2 * ALIGN + 2)):
+            pad = _padding(size) if size else b""
             tensor = [head, pad, _field(_RAW, len(data))] if len(data) else [head]
             t_len = sum(len(p) for p in tensor) + len(data)
             entry_len = len(key_field) + len(_field(_VALUE, t_len)) + t_len
@@ -81,8 +84,8 @@ def _tensor_map(number: int, tensors: list[tuple[str, str, object]], start: int 
             at = pos + sum(len(p) for p in front)  # where the data starts
             if not len(data) or at % ALIGN == 0:
                 break
-            need = (len(pad) - at) % ALIGN
-            pad = _padding(need if need >= 2 else need + ALIGN)
+        else:  # (cannot happen: see above)
+            raise AssertionError("no pad aligns the tensor's data")
         parts += [*front, data] if len(data) else front
         pos = at + len(data)
     return parts
@@ -158,6 +161,14 @@ def _tensor_parts(buf: bytes, start: int, end: int) -> tuple[ir_pb2.Tensor, memo
     return ir_pb2.Tensor.FromString(b"".join(small)), raw
 
 
+def _once(before: tuple, tensor: tuple) -> tuple:
+    """An entry's value, which must come once: protobuf merges repeated ones (the
+    caller then parses the whole message with protobuf)."""
+    if before[0].ByteSize() or len(before[1]):
+        raise ValueError("a map entry with its value twice")
+    return tensor
+
+
 def read_evaluate_request(buf: bytes) -> tuple[service_pb2.EvaluateRequest, dict]:
     """(the EvaluateRequest without its inputs' raw bytes, {input: raw bytes as a view
     of `buf`}) of a serialized request (the server, for large ones): protobuf's parse
@@ -174,7 +185,7 @@ def read_evaluate_request(buf: bytes) -> tuple[service_pb2.EvaluateRequest, dict
                 if n == _KEY:
                     key = buf[v:a].decode("utf-8")
                 elif n == _VALUE:
-                    tensor = _tensor_parts(buf, v, a)
+                    tensor = _once(tensor, _tensor_parts(buf, v, a))
             rest.append(buf[pos:at])
             pos = after
             tensors[key], raws[key] = tensor  # (the last entry of a key counts)
@@ -201,7 +212,7 @@ def read_evaluate_response(buf: bytes) -> tuple[str, dict[str, tuple]]:
                     if n == _KEY:
                         key = buf[v:a].decode("utf-8")
                     elif n == _VALUE:
-                        tensor = _tensor_parts(buf, v, a)
+                        tensor = _once(tensor, _tensor_parts(buf, v, a))
                 outputs[key] = tensor
             elif number == _HANDLE_OUT:
                 handle = buf[value:after].decode("utf-8")
