@@ -28,12 +28,22 @@ open('/tmp/requires.txt', 'w').write('\n'.join(p['project']['dependencies']))" \
  && /opt/build/bin/pip install -q wheel -r /tmp/build-requires.txt \
  && python3 -m venv /opt/adsvc \
  && /opt/adsvc/bin/pip install -q -r /tmp/requires.txt
+# A C compiler (and Python's headers where the base lacks them) for the native VM, the
+# tape and fusion (adsvc/runtime/_scalarvm.c), in this stage only. Best effort: without
+# them the wheel is built without the extension and adsvc runs on numpy alone.
+RUN (apt-get update -qq && apt-get install -y -qq --no-install-recommends gcc libc6-dev \
+     && (python3 -c "import os, sysconfig, sys; \
+sys.exit(not os.path.exists(os.path.join(sysconfig.get_paths()['include'], 'Python.h')))" \
+         || apt-get install -y -qq --no-install-recommends python3-dev)) >/dev/null 2>&1 \
+    || echo "no C compiler: the image runs without the native VM"
 COPY . /src
 # The wheel (protos compiled by setup.py's build hook), installed into /opt/adsvc; its
 # dependencies are already there, so this step downloads nothing. pip is not shipped.
 RUN /opt/build/bin/pip wheel -q --no-build-isolation --no-deps -w /tmp/wheels /src \
  && /opt/adsvc/bin/pip install -q /tmp/wheels/*.whl \
- && /opt/adsvc/bin/python -c "import adsvc.server, adsvc_protocol.proto.service_pb2_grpc" \
+ && /opt/adsvc/bin/python -c "import adsvc.server, adsvc_protocol.proto.service_pb2_grpc; \
+from adsvc.runtime import scalar_vm; \
+print('native VM in the image:', scalar_vm.available())" \
  && /opt/adsvc/bin/pip uninstall -q -y pip setuptools
 
 FROM ${BASE}

@@ -429,3 +429,31 @@ def test_the_writer_survives_a_failing_line(monkeypatch, caplog):
     access.write(FMT, ARGS)
     access.flush()
     assert "request_id=r-1" in out.getvalue()
+
+
+def test_without_the_native_vm_the_server_imports_and_answers():
+    """The C extension is optional (a wheel built without a compiler, as a container's
+    may be): the server's modules import and a seed gradient is served by numpy."""
+    import subprocess
+    import sys
+
+    code = """
+import sys
+sys.modules["adsvc.runtime._scalarvm"] = None  # as if it was never built
+import adsvc
+from adsvc.runtime import scalar_vm
+from adsvc.server.config import ServerConfig
+from service_fixtures import running_server
+assert not scalar_vm.available() and scalar_vm.small_call is None
+g = adsvc.trace(lambda x, y: x * x + x * y + 2)
+with running_server(ServerConfig()) as (_, target), adsvc.connect(target, timeout=60) as c:
+    for _ in range(3):
+        v, gr = c.value_and_grad(g, x=3.0, y=4.0)
+        assert float(v) == 23.0 and gr == {"x": 10.0, "y": 3.0}, (v, gr)
+print("ok")
+"""
+    here = __import__("pathlib").Path(__file__).parent
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=120, cwd=here, env={**__import__("os").environ,
+                                                     "PYTHONPATH": str(here)})
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-2000:]

@@ -149,7 +149,7 @@ def whole(arrays: tuple, inputs, seeds, backward: bool) -> tuple[list, list]:
 # small_call(tape, request, in_offsets, response, out_offsets, out_sources, data): a
 # small tape from request bytes to response bytes, or None when the bytes are not laid
 # out as `request` (`_vmsweeps.c`; the server's small-call path, `TapePlan.native`)
-small_call = _scalarvm.small_call
+small_call = _scalarvm.small_call if _scalarvm is not None else None  # (no VM: no tapes)
 
 
 def blocks(program: bytes, leaves: tuple, out: np.ndarray, temps: int) -> None:
