@@ -165,16 +165,21 @@ def test_responses_read_in_place_equal_protobufs_parse():
     assert _read(b"") == ("", {})
 
 
+def _as_protobuf_does(read, parse, bad: bytes) -> None:
+    """`read(bad)` raises what `parse(bad)` raises, or gives what it gives."""
+    try:
+        want = parse(bad)
+    except Exception as e:  # protobuf refuses it: the reader raises the same
+        with pytest.raises(type(e)):
+            read(bad)
+    else:
+        _same(read(bad), want)
+
+
 def test_malformed_responses_raise_as_protobuf_does():
     good = evaluate_response("h", [("x", "float64", np.arange(4.0))])
     for bad in (good[:-3], good[:5], b"\x0a\xff\xff\xff\xff\x0f", b"\x0b", b"\x08\x01"):
-        try:
-            want = _protobuf(bad)
-        except Exception as e:  # protobuf refuses it: the reader raises the same
-            with pytest.raises(type(e)):
-                _read(bad)
-        else:
-            _same(_read(bad), want)
+        _as_protobuf_does(_read, _protobuf, bad)
 
 
 def _read_request(buf: bytes):
@@ -220,13 +225,7 @@ def test_malformed_requests_raise_as_protobuf_does():
     good = evaluate_request("h", [("x", "float64", np.arange(4.0))])
     for bad in (good[:-3], good[:5], b"\x22\xff\xff\xff\xff\x0f", b"\x23", b"\x20\x01",
                 b"\x22\x04\x0a\x02\xff\xfe"):
-        try:
-            want = _protobuf_request(bad)
-        except Exception as e:  # protobuf refuses it: the reader raises the same
-            with pytest.raises(type(e)):
-                _read_request(bad)
-        else:
-            _same(_read_request(bad), want)
+        _as_protobuf_does(_read_request, _protobuf_request, bad)
 
 
 def test_the_server_reads_large_requests_in_place():

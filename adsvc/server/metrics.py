@@ -90,16 +90,6 @@ class Metrics:
         self.refused = Counter("adsvc_refused", "Calls refused with RESOURCE_EXHAUSTED, by "
                                "the part of the request (or 'busy')", ("reason",), registry=r)
         self.in_flight = Gauge("adsvc_calls_in_flight", "Calls being handled", registry=r)
-        self._children: dict[tuple, object] = {}  # (id of the metric, labels) -> its child
-
-    def of(self, metric, *labels):
-        """`metric.labels(*labels)`, looked up once per label values (prometheus_client
-        checks and hashes them on every call: ~5 us, a few per tiny call)."""
-        key = (id(metric), labels)
-        child = self._children.get(key)
-        if child is None:
-            child = self._children[key] = metric.labels(*labels)
-        return child
 
     def serve_http(self, port: int, host: str = "0.0.0.0"):
         """Serve /metrics on `port` (0: a free one) in a daemon thread; returns the

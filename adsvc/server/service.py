@@ -183,34 +183,43 @@ def _call(method):
     if rpc == "EvaluateStream":
         @functools.wraps(method)
         def stream_wrapper(self, request_iterator, context):
-            call = self._begin(rpc, context)
-            slot = False
-            try:
-                slot = _admit(self, call)
-                yield from method(self, self._stream_requests(request_iterator, call), call)
-            except AdsvcError as e:
-                self._failed(call, e)  # aborts the call, unless it already went idle
-            except Exception:
-                self._crashed(call)
-            finally:
-                self._end(call, slot)
+            with _Handled(self, self._begin(rpc, context)) as h:
+                h.slot = _admit(self, h.call)
+                yield from method(self, self._stream_requests(request_iterator, h.call),
+                                  h.call)
         return stream_wrapper
 
     @functools.wraps(method)
     def unary_wrapper(self, request, context):
-        call = self._begin(rpc, context)
-        slot = False
-        try:
-            slot = _admit(self, call)
-            call.large = isinstance(request, bytes) and len(request) > TRIM_BYTES
-            return method(self, request if raw else _parse(request_cls, request, ""), call)
-        except AdsvcError as e:
-            self._failed(call, e)  # aborts the call, unless it already went idle
-        except Exception:
-            self._crashed(call)
-        finally:
-            self._end(call, slot)
+        with _Handled(self, self._begin(rpc, context)) as h:
+            h.slot = _admit(self, h.call)
+            h.call.large = isinstance(request, bytes) and len(request) > TRIM_BYTES
+            return method(self, request if raw else _parse(request_cls, request, ""), h.call)
     return unary_wrapper
+
+
+class _Handled:
+    """How an RPC's body ends (`_call`): a typed error aborts the call with its status
+    (`_failed`), any other exception is a bug (`_crashed`, INTERNAL); either way, and on
+    success, `_end` gives the slot back and counts and logs the call."""
+
+    __slots__ = ("servicer", "call", "slot")
+
+    def __init__(self, servicer, call: Call):
+        self.servicer, self.call, self.slot = servicer, call, False
+
+    def __enter__(self) -> _Handled:
+        return self
+
+    def __exit__(self, kind, e, tb) -> bool:
+        try:
+            if kind is not None and issubclass(kind, AdsvcError):
+                self.servicer._failed(self.call, e)  # aborts, unless it already went idle
+            elif kind is not None and issubclass(kind, Exception):
+                self.servicer._crashed(self.call)
+        finally:
+            self.servicer._end(self.call, self.slot)
+        return kind is not None and issubclass(kind, Exception)  # (GeneratorExit passes)
 
 
 def _serialize(response) -> bytes:
@@ -456,9 +465,7 @@ class AutodiffServicer(service_pb2_grpc.AutodiffServiceServicer):
         if resp is None:
             return self._evaluate(entry, request, call, raws)
         call.detail += entry.plan.cost.log_fields  # the small-call path: floats in, bytes out
-        limit = self.config.max_message_bytes
-        if limit and len(resp) > limit:
-            self._limit_response(resp)  # (raises)
+        self._limit_response(resp)
         return resp
 
     def _use(self, entry: Entry, call: Call) -> None:

@@ -161,12 +161,19 @@ def _tensor_parts(buf: bytes, start: int, end: int) -> tuple[ir_pb2.Tensor, memo
     return ir_pb2.Tensor.FromString(b"".join(small)), raw
 
 
-def _once(before: tuple, tensor: tuple) -> tuple:
-    """An entry's value, which must come once: protobuf merges repeated ones (the
+def _map_entry(buf: bytes, start: int, end: int) -> tuple[str, tuple]:
+    """(key, (Tensor without raw, raw bytes as a view)) of the map<string, Tensor> entry
+    in buf[start:end]. Its value must come once: protobuf merges repeated ones (the
     caller then parses the whole message with protobuf)."""
-    if before[0].ByteSize() or len(before[1]):
-        raise ValueError("a map entry with its value twice")
-    return tensor
+    key, tensor = "", (ir_pb2.Tensor(), memoryview(b""))
+    for n, _, v, a in _fields(buf, start, end):
+        if n == _KEY:
+            key = buf[v:a].decode("utf-8")
+        elif n == _VALUE:
+            if tensor[0].ByteSize() or len(tensor[1]):
+                raise ValueError("a map entry with its value twice")
+            tensor = _tensor_parts(buf, v, a)
+    return key, tensor
 
 
 def read_evaluate_request(buf: bytes) -> tuple[service_pb2.EvaluateRequest, dict]:
@@ -180,12 +187,7 @@ def read_evaluate_request(buf: bytes) -> tuple[service_pb2.EvaluateRequest, dict
         for number, at, value, after in _fields(buf, 0, len(buf), (_INPUTS,)):
             if number != _INPUTS:
                 continue
-            key, tensor = "", (ir_pb2.Tensor(), memoryview(b""))
-            for n, _, v, a in _fields(buf, value, after):
-                if n == _KEY:
-                    key = buf[v:a].decode("utf-8")
-                elif n == _VALUE:
-                    tensor = _once(tensor, _tensor_parts(buf, v, a))
+            key, tensor = _map_entry(buf, value, after)
             rest.append(buf[pos:at])
             pos = after
             tensors[key], raws[key] = tensor  # (the last entry of a key counts)
@@ -207,12 +209,7 @@ def read_evaluate_response(buf: bytes) -> tuple[str, dict[str, tuple]]:
         handle, outputs = "", {}
         for number, _, value, after in _fields(buf, 0, len(buf)):
             if number == _OUTPUTS:
-                key, tensor = "", (ir_pb2.Tensor(), memoryview(b""))
-                for n, _, v, a in _fields(buf, value, after):
-                    if n == _KEY:
-                        key = buf[v:a].decode("utf-8")
-                    elif n == _VALUE:
-                        tensor = _once(tensor, _tensor_parts(buf, v, a))
+                key, tensor = _map_entry(buf, value, after)
                 outputs[key] = tensor
             elif number == _HANDLE_OUT:
                 handle = buf[value:after].decode("utf-8")
